@@ -1,0 +1,53 @@
+"""Write audit records (JSONL) answered by real honest and cheating hosts.
+
+    python benchmarks/make_records.py --out examples/records.jsonl --prompts 4
+
+Prompts come from the general bank, starting after the ones the tests use; each is
+asked once greedily and once sampled (settings from configs/settings.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from validator.engines import HostFactory  # noqa: E402
+from validator.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
+from validator.registry import Registry  # noqa: E402
+
+DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-other-model"
+
+
+def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40) -> list[dict]:
+    bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
+    probes = greedy_and_sampled(bank, load_mix(), seed=2026)
+    factory = HostFactory(Registry.load(), model)
+    records = []
+    for host in hosts:
+        print(f"answering {len(probes)} probes as {host} ...", file=sys.stderr)
+        records += factory.records(host, probes)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--hosts", default=DEFAULT_HOSTS)
+    args = ap.parse_args()
+    records = make_records(args.prompts, args.hosts.split(","))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {len(records)} records to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

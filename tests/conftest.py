@@ -1,0 +1,68 @@
+"""Shared fixtures. Every answer the tests score comes from a real model: SmolLM2-135M
+(transformers in float32 and bfloat16, llama.cpp on its GGUF) and Gemma-3 270M (llama.cpp)
+as the "other model". Generated once per session (validator.engines.HostFactory)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from validator.engines import HostFactory  # noqa: E402
+from validator.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
+from validator.reference import ReferenceModel  # noqa: E402
+from validator.registry import Registry  # noqa: E402
+from validator.scoring import Tolerances  # noqa: E402
+
+MODEL = "smollm2-135m"
+HONEST_PROMPTS = 40  # x (greedy + sampled) x 4 honest hosts = 320 honest answers
+CHEAT_ANSWERS = 20
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return Registry.load()
+
+
+@pytest.fixture(scope="session")
+def spec(registry):
+    return registry.get(MODEL)
+
+
+@pytest.fixture(scope="session")
+def ref(spec) -> ReferenceModel:
+    return ReferenceModel.load(spec)
+
+
+@pytest.fixture(scope="session")
+def tolerances(spec) -> Tolerances:
+    return Tolerances.from_file(spec.calibration)
+
+
+@pytest.fixture(scope="session")
+def probes():
+    """Probes from the general bank (calibration used a different bank)."""
+    prompts = load_bank("configs/prompts/general.yaml")[:HONEST_PROMPTS]
+    return greedy_and_sampled(prompts, load_mix(), seed=7)
+
+
+@pytest.fixture(scope="session")
+def hosts(registry) -> HostFactory:
+    return HostFactory(registry, MODEL)
+
+
+@pytest.fixture(scope="session")
+def honest_records(hosts, probes) -> dict[str, list[dict]]:
+    return {name: hosts.records(name, probes) for name in HostFactory.HONEST}
+
+
+@pytest.fixture(scope="session")
+def cheat_records(hosts, probes, honest_records) -> dict[str, list[dict]]:
+    # Probes alternate greedy and sampled; greedy-when-sampling answers only sampled ones.
+    subset = {"cheat-greedy-when-sampling": probes[: 2 * CHEAT_ANSWERS],
+              "cheat-truncated": probes, "cheat-replayed": probes}
+    return {name: hosts.records(name, subset.get(name, probes[:CHEAT_ANSWERS]))[:CHEAT_ANSWERS]
+            for name in HostFactory.CHEATS}

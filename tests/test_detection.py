@@ -1,0 +1,72 @@
+"""Acceptance: honest engines are never failed; every cheat is caught within 20 answers.
+
+All answers come from real models (conftest.py). Tolerances come from the committed
+calibration file, which was computed on honest engines over a different prompt bank.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from validator.audit import run_audit
+from validator.evidence import HostRule, host_verdict
+
+from .conftest import CHEAT_ANSWERS, MODEL
+
+
+def _audit(records, registry, ref):
+    import json
+
+    lines, hosts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref})
+    return lines, hosts
+
+
+@pytest.fixture(scope="session")
+def honest_audit(honest_records, registry, ref):
+    records = [r for recs in honest_records.values() for r in recs]
+    return _audit(records, registry, ref)
+
+
+def test_at_least_300_honest_answers_none_failed(honest_audit, honest_records):
+    lines, hosts = honest_audit
+    assert len(lines) >= 300
+    assert all(line["verdict"] != "error" for line in lines)
+    failed = [(line["host"], line["id"], line["reasons"]) for line in lines if line["verdict"] == "fail"]
+    assert failed == []
+    # Most honest answers pass outright; the rest are inconclusive, never failed.
+    passed = sum(line["verdict"] == "pass" for line in lines)
+    assert passed >= 0.9 * len(lines), f"only {passed} of {len(lines)} honest answers passed"
+
+
+def test_no_honest_host_dishonest(honest_audit, honest_records):
+    _, hosts = honest_audit
+    assert set(hosts) == set(honest_records)
+    for host, summary in hosts.items():
+        assert summary["verdict"] != "dishonest", (host, summary)
+        assert summary["failed"] == 0
+
+
+def test_honest_hosts_cover_greedy_sampled_and_stripped(honest_records):
+    for host, records in honest_records.items():
+        temps = {r["configs"]["temperature"] for r in records}
+        assert 0.0 in temps and any(t > 0 for t in temps), host
+    stripped = honest_records["honest-llama.cpp-stripped"]
+    original = honest_records["honest-llama.cpp"]
+    assert any(a["response"] != b["response"] for a, b in zip(stripped, original))
+
+
+@pytest.mark.parametrize("cheat", [
+    "cheat-other-model", "cheat-layers-removed", "cheat-hotter", "cheat-greedy-when-sampling",
+    "cheat-truncated", "cheat-replayed"])
+def test_cheat_flagged_within_20_answers(cheat, cheat_records, registry, ref):
+    records = cheat_records[cheat]
+    assert len(records) == CHEAT_ANSWERS
+    lines, hosts = _audit(records, registry, ref)
+    assert hosts[cheat]["verdict"] == "dishonest", (hosts[cheat], [l["reasons"] for l in lines][:5])
+    # The first prefix of answers at which the host verdict turns dishonest.
+    ps = [line["p_value"] for line in lines]
+    verdicts = [line["verdict"] for line in lines]
+    first = next(k for k in range(1, len(ps) + 1)
+                 if host_verdict(ps[:k], verdicts[:k], HostRule())["verdict"] == "dishonest")
+    print(f"{cheat}: dishonest after {first} answers; {hosts[cheat]['failed']} of {len(ps)} failed")
+    assert first <= CHEAT_ANSWERS

@@ -1,0 +1,255 @@
+"""Align a host's text to the reference's tokens.
+
+The host returns text; the same text has many token segmentations, and re-tokenising
+it canonically is not what an engine generated (DESIGN.md: an honest token looked 8.7
+nats off that way). We start from the canonical segmentation, score it with one
+batched forward pass, and walk it: wherever another token that also matches the text
+is clearly more likely under the reference (under the warped distribution for sampled
+settings), we propose the alternative path (that token, then the canonical rest),
+score it, and keep whichever path explains the rest of the text better. Proposals
+from all answers in a batch are scored together, so the work is one forward pass per
+answer plus one per real ambiguity. Whitespace an API stripped at either end is
+allowed back as "implied" tokens that cover no text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .reference import ReferenceModel, StepFeatures
+from .sampling import Settings
+
+OUTSIDE_SUPPORT_PENALTY = 30.0  # nats; keeps out-of-support tokens ordered but unattractive
+BRANCH_MARGIN = 0.05  # nats; below this an alternative is a tie, not worth a pass
+MAX_BRANCHES = 12  # per answer: bounds the work a hostile answer can cause
+MAX_IMPLIED = 2  # stripped whitespace tokens allowed at each end
+
+
+@dataclass
+class AlignItem:
+    prompt: list[int]
+    text: str
+    settings: Settings
+    allow_stripped_whitespace: bool = True
+    support_tolerance: float = 1.0  # nats, for the warped measure; from calibration
+
+
+@dataclass
+class Path:
+    tokens: list[int]
+    ends: list[int]  # bytes of the text covered after each token
+    cands: list[list[int]]  # per step; cands[i][0] is tokens[i]; last step: EOS ids first
+    feats: StepFeatures | None = None
+
+
+@dataclass
+class Alignment:
+    tokens: list[int]
+    ends: list[int]
+    implied: list[bool]
+    feats: StepFeatures
+    eos_columns: int  # the first this many candidates of the last step are EOS ids
+    branches: int
+    passes: int
+    text_bytes: bytes = b""
+
+    @property
+    def token_logp(self) -> np.ndarray:
+        return self.feats.cand_logp[: len(self.tokens), 0]
+
+    @property
+    def eos_logp(self) -> float:
+        return float(self.feats.cand_logp[len(self.tokens), : self.eos_columns].max())
+
+
+@dataclass
+class _State:
+    item: AlignItem
+    data: bytes
+    path: Path
+    step: int = 0
+    branches: int = 0
+    passes: int = 0
+    pending: Path | None = None
+    pending_step: int = 0
+    compare: tuple[int, int] = (0, 0)
+    done: bool = False
+    lead_implied: int = 0
+
+
+def measure(feats: StepFeatures, step: int, columns: np.ndarray | slice, settings: Settings,
+            tolerance: float) -> np.ndarray:
+    """How attractive each candidate is at a step: the log-prob at temperature 1 for
+    greedy settings; for sampled settings the log-prob under the warped distribution,
+    the better of the two orders, with tokens just outside the support clipped to its
+    edge and tokens far outside penalised."""
+    logp = feats.cand_logp[step, columns]
+    if settings.greedy:
+        return logp
+    best = np.full(logp.shape, -np.inf)
+    for o in range(2):
+        edge = feats.boundary[step, o]
+        clipped = np.maximum(logp, edge) if tolerance > 0 else logp
+        logq = np.where(logp >= edge - tolerance, clipped / settings.temperature - feats.log_z[step, o], -np.inf)
+        best = np.maximum(best, logq)
+    return np.where(np.isfinite(best), best, logp - OUTSIDE_SUPPORT_PENALTY)
+
+
+class Aligner:
+    def __init__(self, ref: ReferenceModel):
+        self.ref = ref
+        self.table = ref.table
+
+    def align(self, items: Sequence[AlignItem]) -> list[Alignment]:
+        states = []
+        for item in items:
+            data = item.text.encode("utf-8", errors="surrogatepass")
+            path = self._make_path(item, data, [], [], self._canonical(data))
+            states.append(_State(item=item, data=data, path=path))
+        need = list(states)
+        while need:
+            # A proposal shares the current path's steps before the branch point, so
+            # only the steps from there on are reduced.
+            feats = self.ref.step_features([
+                (s.item.prompt, (s.pending or s.path).tokens, (s.pending or s.path).cands,
+                 s.item.settings, s.pending_step if s.pending else 0)
+                for s in need])
+            for s, f in zip(need, feats):
+                s.passes += 1
+                if s.pending is None:
+                    s.path.feats = f
+                else:
+                    s.pending.feats = s.path.feats.spliced(s.pending_step, f)
+                    self._resolve(s)
+            need = []
+            for s in states:
+                if not s.done:
+                    self._walk(s)
+                    if s.pending is not None:
+                        need.append(s)
+        return [self._result(s) for s in states]
+
+    # -- paths -----------------------------------------------------------------------
+    def _canonical(self, data: bytes) -> list[int]:
+        """The tokenizer's own segmentation when it reproduces the bytes, else the
+        fewest-tokens segmentation (for text that starts mid-character, say)."""
+        try:
+            text = data.decode("utf-8")
+            ids = self.ref.canonical_ids(text)
+            if b"".join(self.table.bytes[t] for t in ids) == data:
+                return ids
+        except UnicodeDecodeError:
+            pass
+        return self.table.segment(data) or []
+
+    def _make_path(self, item: AlignItem, data: bytes, tokens: list[int], ends: list[int],
+                   rest: list[int]) -> Path:
+        tokens = list(tokens)
+        ends = list(ends)
+        pos = ends[-1] if ends else 0
+        for t in rest:
+            pos += len(self.table.bytes[t])
+            tokens.append(t)
+            ends.append(pos)
+        cands: list[list[int]] = []
+        strip = item.allow_stripped_whitespace
+        leading = 0
+        prev = 0
+        for i, t in enumerate(tokens):
+            lead = strip and prev == 0 and leading < MAX_IMPLIED
+            ids = [t] + [c.token for c in self.table.candidates(data, prev, lead=lead, trail=strip)
+                         if c.token != t]
+            cands.append(ids)
+            if ends[i] == 0:
+                leading += 1
+            prev = ends[i]
+        trailing = sum(1 for i in range(len(tokens) - 1, -1, -1)
+                       if ends[i] == len(data) and (i == 0 or ends[i - 1] == len(data)))
+        last = list(self.table.eos_ids)
+        if strip and trailing < MAX_IMPLIED and prev == len(data):
+            last += self.table.whitespace
+        cands.append(last)
+        return Path(tokens, ends, cands)
+
+    # -- the walk --------------------------------------------------------------------
+    def _walk(self, s: _State) -> None:
+        path, item, feats = s.path, s.item, s.path.feats
+        while s.step <= len(path.tokens):
+            i = s.step
+            cands = path.cands[i]
+            if s.branches >= MAX_BRANCHES:
+                break
+            m = measure(feats, i, slice(0, len(cands)), item.settings, item.support_tolerance)
+            if i < len(path.tokens):
+                best = int(np.argmax(m))
+                if best != 0 and m[best] > m[0] + BRANCH_MARGIN:
+                    self._propose(s, i, cands[best])
+                    return
+            elif not item.settings.length_stop(len(path.tokens)):
+                # An early stop: is whitespace the API stripped more likely than ending?
+                n_eos = len(self.table.eos_ids)
+                if len(cands) > n_eos:
+                    best = n_eos + int(np.argmax(m[n_eos:]))
+                    if m[best] > m[:n_eos].max() + BRANCH_MARGIN:
+                        self._propose(s, i, cands[best])
+                        return
+            s.step += 1
+        s.done = True
+
+    def _propose(self, s: _State, i: int, token: int) -> None:
+        """The path with `token` at step i, rejoining the current path at its next token
+        boundary, so the two differ only locally and later steps keep their own walk."""
+        path = s.path
+        start = path.ends[i - 1] if i else 0
+        tb = self.table.bytes[token]
+        if s.data.startswith(tb, start):
+            covered = len(tb)
+        elif start == 0 and tb.lstrip() and s.data.startswith(tb.lstrip(), 0):
+            covered = len(tb.lstrip())
+        elif s.data[start:] and tb.rstrip() == s.data[start:]:
+            covered = len(s.data) - start
+        else:  # pure whitespace the API stripped
+            covered = 0
+        new_end = start + covered
+        if covered == 0:
+            fill, rejoin = [], i  # the current path resumes right after the new token
+        else:
+            rejoin = next(j for j in range(i, len(path.tokens)) if path.ends[j] >= new_end) + 1
+            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]])
+        tokens = path.tokens[:i] + [token]
+        ends = path.ends[:i] + [new_end]
+        s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:])
+        s.pending_step = i
+        # Compare the two paths up to and including the first token after they rejoin.
+        s.compare = (i + 1 + len(fill) + 1, rejoin + 1)
+        s.branches += 1
+
+    def _resolve(self, s: _State) -> None:
+        """Keep the path that explains the differing stretch of text at lower cost."""
+        i = s.pending_step
+        new_stop, old_stop = s.compare
+        if self._cost(s.pending, i, new_stop, s.item) < self._cost(s.path, i, old_stop, s.item):
+            s.path = s.pending
+        s.pending = None
+        s.step = i + 1
+
+    def _cost(self, path: Path, start: int, stop: int, item: AlignItem) -> float:
+        """Cost of steps [start, stop) of a path; step len(tokens) is the stop itself."""
+        feats = path.feats
+        total = 0.0
+        n = len(path.tokens)
+        for i in range(start, min(stop, n + 1)):
+            cols = slice(0, 1) if i < n else slice(0, len(self.table.eos_ids))
+            m = measure(feats, i, cols, item.settings, item.support_tolerance).max()
+            total += (feats.max_logp[i] - m) if item.settings.greedy else -m
+        return float(total)
+
+    def _result(self, s: _State) -> Alignment:
+        p = s.path
+        implied = [(p.ends[i] == (p.ends[i - 1] if i else 0)) for i in range(len(p.tokens))]
+        return Alignment(tokens=p.tokens, ends=p.ends, implied=implied, feats=p.feats,
+                         eos_columns=len(self.table.eos_ids), branches=s.branches,
+                         passes=s.passes, text_bytes=s.data)

@@ -1,0 +1,127 @@
+"""`validator calibrate`: tolerances from honest engines, never from cheaters.
+
+Honest answers come from every engine named (transformers in float32 and bfloat16,
+llama.cpp on the GGUF, and llama.cpp's answers with surrounding whitespace stripped as
+an API might). Each is aligned and scored, and we record how far honest tokens fall:
+- greedy tokens: gap below the reference's best;
+- sampled tokens: distance below the edge of the top-k/top-p support;
+- early stops: end of sequence below the best (greedy) or below the support edge.
+Rule (documented in the README): a tolerance is SAFETY times the largest honest value
+seen, never below a floor; the honest violation rate at that tolerance is bounded by
+the rule of three, 3 / (number of honest observations), since none were seen.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .align import AlignItem, Aligner
+from .engines import LlamaCppEngine, TransformersEngine, answer_records
+from .probes import greedy_and_sampled, load_bank, load_mix
+from .reference import ReferenceModel
+from .registry import ModelSpec
+from .sampling import Settings
+from .scoring import Tolerances, VerdictRule, score
+
+SAFETY = 2.0
+FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}
+SEED = 20261127
+
+
+def make_engine(name: str, spec: ModelSpec):
+    if name.startswith("transformers-"):
+        return TransformersEngine(spec, dtype=name.split("-", 1)[1], name=name)
+    if name == "llama.cpp":
+        return LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template, name=name)
+    raise ValueError(f"unknown engine {name!r} (transformers-DTYPE or llama.cpp)")
+
+
+def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[str, list[float]]:
+    """Honest deviations of every kind, over a list of audit records."""
+    settings = [Settings.from_configs(r["configs"]) for r in records]
+    alignments = Aligner(ref).align([
+        AlignItem(ref.prompt_ids(r["messages"]), r["response"], s, support_tolerance=tol.support_gap)
+        for r, s in zip(records, settings)])
+    out: dict[str, list[float]] = {"greedy_gap": [], "support_gap": [], "eos_gap": [],
+                                   "sampled_p": [], "greedy_tokens": [0], "sampled_tokens": [0],
+                                   "early_stops": [0]}
+    for al, s in zip(alignments, settings):
+        f, n = al.feats, len(al.tokens)
+        if s.greedy:
+            out["greedy_gap"] += list(f.max_logp[:n] - al.token_logp)
+            out["greedy_tokens"][0] += n
+        else:
+            edge = f.boundary[:n].min(axis=1)
+            out["support_gap"] += list(np.maximum(edge - al.token_logp, 0.0))
+            out["sampled_tokens"][0] += n
+            out["sampled_p"].append(score(al, s, ref.table, tol).metrics["components"]["statistic"])
+        if not s.length_stop(n):
+            out["early_stops"][0] += 1
+            final = f.max_logp[n] if s.greedy else f.boundary[n].min()
+            out["eos_gap"].append(max(0.0, float(final - al.eos_logp)))
+    return out
+
+
+def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str], *, limit: int = 0,
+              log: Callable[[str], None] = print) -> dict:
+    ref = ReferenceModel.load(spec)
+    prompts = load_bank(prompts_path)[: limit or None]
+    probes = greedy_and_sampled(prompts, load_mix(), SEED)
+    records: dict[str, list[dict]] = {}
+    for name in engine_names:
+        log(f"answering {len(probes)} probes with {name} ...")
+        engine = make_engine(name, spec)
+        records[name] = answer_records(engine, probes, name, spec.name)
+        del engine
+        if name == "llama.cpp":
+            rng = random.Random(SEED)
+            records["llama.cpp-stripped"] = [
+                {**r, "response": r["response"].strip() if rng.random() < 0.5 else r["response"].lstrip()}
+                for r in records[name]]
+    base = Tolerances()
+    per_engine, pooled = {}, {}
+    for name, recs in records.items():
+        log(f"scoring {len(recs)} answers of {name} ...")
+        m = measure(ref, recs, base)
+        per_engine[name] = _describe(m)
+        for k, v in m.items():
+            pooled[k] = [a + b for a, b in zip(pooled[k], v)] if k.endswith(("tokens", "stops")) \
+                else pooled.get(k, []) + v
+    tol = {
+        key: max(FLOORS[key], SAFETY * (max(pooled[key]) if pooled[key] else 0.0))
+        for key in ("greedy_gap", "support_gap", "eos_gap")
+    }
+    tol["token_rate"] = 3.0 / max(pooled["greedy_tokens"][0], 3)
+    tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
+    tol["eos_rate"] = 3.0 / max(pooled["early_stops"][0], 3)
+    answers = sum(len(r) for r in records.values())
+    return {
+        "model": spec.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"validator calibrate --model {spec.name} --prompts {prompts_path} "
+                   f"--engines {','.join(engine_names)}" + (f" --limit {limit}" if limit else ""),
+        "summary": f"{answers} honest answers, engines {', '.join(records)}",
+        "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
+                "rate = 3 / honest observations (rule of three)",
+        "tolerances": tol,
+        "observed": _describe(pooled),
+        "engines": per_engine,
+        "verdict_rule": VerdictRule().__dict__,
+    }
+
+
+def _describe(m: dict[str, list[float]]) -> dict:
+    out = {"greedy_tokens": m["greedy_tokens"][0], "sampled_tokens": m["sampled_tokens"][0],
+           "early_stops": m["early_stops"][0]}
+    for key in ("greedy_gap", "support_gap", "eos_gap"):
+        v = np.array(m[key]) if m[key] else np.zeros(1)
+        out[key] = {"max": round(float(v.max()), 4), "p99": round(float(np.quantile(v, 0.99)), 4),
+                    "p90": round(float(np.quantile(v, 0.9)), 4), "share_zero": round(float((v < 1e-6).mean()), 4)}
+    if m["sampled_p"]:
+        out["sampled_statistic_min_p"] = float(min(m["sampled_p"]))
+    return out

@@ -1,0 +1,289 @@
+"""The reference model: the claimed model, recomputed on the validator's own hardware.
+
+Two jobs: teacher-forced scoring (one batched forward pass over prompt + answer tokens,
+reduced on the device to the few numbers per step the aligner and the tests need, so a
+262k-entry vocabulary never leaves the GPU) and a fixed-seed re-run of each probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .registry import ModelSpec
+from .sampling import Settings, kept_prefix_sizes, order_scales, sample_next
+from .tokens import TokenTable
+
+log = logging.getLogger(__name__)
+
+# lambda grid for the Chernoff bounds on the sampled log-prob statistic (scoring.py)
+LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
+_TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
+
+
+@dataclass
+class StepFeatures:
+    """What the reference says about each step of one token path (numpy, on the CPU).
+
+    Step i predicts path token i; the last step (len(path)) predicts what follows the
+    answer (end of sequence, or more). Candidate columns follow the `cand_ids` given.
+    """
+
+    max_logp: np.ndarray  # [S] best log-prob at temperature 1
+    argmax: np.ndarray  # [S] the reference's own choice
+    cand_logp: np.ndarray  # [S, C] log-prob (temperature 1) of each candidate
+    # sampled settings only, one column per order in sampling.ORDERS:
+    boundary: np.ndarray | None = None  # [S, 2] log-prob of the least likely kept token
+    log_z: np.ndarray | None = None  # [S, 2] logsumexp over kept tokens of logp / T
+    entropy: np.ndarray | None = None  # [S, 2] entropy of the warped distribution q
+    variance: np.ndarray | None = None  # [S, 2] variance of log q(token) under q
+    mgf_low: np.ndarray | None = None  # [S, 2, L] log E_q[q^-lambda]
+    mgf_high: np.ndarray | None = None  # [S, 2, H] log E_q[q^lambda]
+
+
+    def spliced(self, steps: int, tail: "StepFeatures") -> "StepFeatures":
+        """This path's first `steps` steps followed by `tail` (features of another path
+        that shares those first steps and was scored from there on)."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            head, rest = getattr(self, name), getattr(tail, name)
+            if head is None or rest is None:
+                out[name] = None
+                continue
+            head = head[:steps]
+            if name == "cand_logp" and head.shape[1] != rest.shape[1]:
+                width = max(head.shape[1], rest.shape[1])
+                head = np.pad(head, ((0, 0), (0, width - head.shape[1])), constant_values=-np.inf)
+                rest = np.pad(rest, ((0, 0), (0, width - rest.shape[1])), constant_values=-np.inf)
+            out[name] = np.concatenate([head, rest], axis=0)
+        return StepFeatures(**out)
+
+
+class ReferenceModel:
+    def __init__(self, spec: ModelSpec, model, tokenizer, device: str):
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        eos = set()
+        for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(int(x) for x in source)
+        self.eos_ids = sorted(eos)
+        self.table = TokenTable(tokenizer, self.eos_ids)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.max_batch_tokens = 8192 if device == "cpu" else 65536
+        self.lock = threading.Lock()  # one forward at a time per model
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> "ReferenceModel":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = spec.load_source()
+        device = spec.resolve_device()
+        dtype = getattr(torch, spec.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if spec.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+        log.info("loaded %s from %s on %s (%s)", spec.name, source, device, spec.dtype)
+        return cls(spec, model, tokenizer, device)
+
+    # -- prompts ---------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The model's own chat template, ending where the assistant's answer starts."""
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def canonical_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- teacher-forced scoring ------------------------------------------------------
+    @torch.inference_mode()
+    def step_features(
+        self,
+        items: Sequence[tuple[list[int], list[int], list[list[int]], Settings, int]],
+    ) -> list[StepFeatures]:
+        """items: (prompt ids, path ids, candidate ids per step [len(path)+1], settings,
+        first step wanted). Features cover steps from the first wanted one to the end.
+
+        Sequences are packed into batches by length; each batch is one forward pass.
+        """
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        out: list[StepFeatures | None] = [None] * len(items)
+        batch: list[int] = []
+        for idx in order:
+            longest = len(items[idx][0]) + len(items[idx][1])
+            if batch and longest * (len(batch) + 1) > self.max_batch_tokens:
+                self._run_batch(items, batch, out)
+                batch = []
+            batch.append(idx)
+        if batch:
+            self._run_batch(items, batch, out)
+        return out  # type: ignore[return-value]
+
+    def _run_batch(self, items, batch: list[int], out: list) -> None:
+        seqs = [items[i][0] + items[i][1] for i in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        with self.lock:
+            hidden = self.model.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).last_hidden_state
+            head = self.model.get_output_embeddings()
+            for row, idx in enumerate(batch):
+                prompt, path, cands, settings, first = items[idx]
+                start = len(prompt) - 1  # position whose output predicts path[0]
+                h = hidden[row, start + first : start + len(path) + 1]
+                logits = head(h).float()
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                out[idx] = self._reduce(torch.log_softmax(logits, dim=-1), cands[first:], settings)
+
+    def _reduce(self, logp: torch.Tensor, cands: list[list[int]], settings: Settings) -> StepFeatures:
+        steps = logp.shape[0]
+        width = max(1, max(len(c) for c in cands))
+        index = torch.zeros((steps, width), dtype=torch.long)
+        for i, c in enumerate(cands):
+            if c:
+                index[i, : len(c)] = torch.tensor(c)
+        cand_logp = logp.gather(1, index.to(logp.device))
+        max_logp, argmax = logp.max(dim=-1)
+        feats = StepFeatures(
+            max_logp=max_logp.cpu().numpy(),
+            argmax=argmax.cpu().numpy(),
+            cand_logp=cand_logp.cpu().numpy(),
+        )
+        if not settings.greedy:
+            self._warp_stats(logp, settings, feats)
+        return feats
+
+    def _warp_stats(self, logp: torch.Tensor, settings: Settings, feats: StepFeatures) -> None:
+        vocab = logp.shape[-1]
+        cap = settings.top_k if 0 < settings.top_k < vocab else vocab
+        k = min(cap, _TOPK_FAST) if settings.top_p < 1.0 else cap
+        stats = self._support_stats(logp, settings, cap, k)
+        if k < cap:  # rows whose support reaches the fast cut are redone over everything
+            redo = (stats["boundary_size"] >= k).any(dim=-1)
+            if bool(redo.any()):
+                full = self._support_stats(logp[redo], settings, cap, cap)
+                for key in stats:
+                    stats[key][redo] = full[key]
+        feats.boundary = stats["boundary"].cpu().numpy()
+        feats.log_z = stats["log_z"].cpu().numpy()
+        feats.entropy = stats["entropy"].cpu().numpy()
+        feats.variance = stats["variance"].cpu().numpy()
+        feats.mgf_low = stats["mgf_low"].cpu().numpy()
+        feats.mgf_high = stats["mgf_high"].cpu().numpy()
+
+    @staticmethod
+    def _support_stats(logp: torch.Tensor, settings: Settings, cap: int, k: int) -> dict:
+        """Per order: the kept prefix of the k best tokens and the statistics of the
+        warped distribution q over it (all log-probs in temperature-1 units)."""
+        t = settings.temperature
+        top = torch.topk(logp, k, dim=-1).values
+        source = logp if cap == logp.shape[-1] else top  # the tokens top-k leaves
+        norm = torch.stack([torch.logsumexp(source * s, dim=-1) for s in order_scales(settings)], -1)
+        sizes = kept_prefix_sizes(top, norm, settings)
+        top = top[:, : int(sizes.max())]  # statistics only need the kept prefix
+        cols = torch.arange(top.shape[1], device=top.device)
+        lam_low = torch.tensor(LAMBDAS_LOW, dtype=top.dtype, device=top.device)
+        lam_high = torch.tensor(LAMBDAS_HIGH, dtype=top.dtype, device=top.device)
+        out: dict[str, list] = {key: [] for key in
+                                ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high", "boundary_size")}
+        for o in range(2):
+            n = sizes[:, o]
+            kept = cols[None, :] < n[:, None]
+            scaled = torch.where(kept, top / t, torch.full_like(top, -math.inf))
+            lz = torch.logsumexp(scaled, dim=-1)
+            logq = torch.where(kept, scaled - lz[:, None], torch.zeros_like(top))
+            q = torch.where(kept, torch.exp(logq), torch.zeros_like(top))
+            out["boundary"].append(top.gather(1, (n - 1)[:, None]).squeeze(1))
+            out["log_z"].append(lz)
+            ent = -(q * logq).sum(-1)
+            out["entropy"].append(ent)
+            out["variance"].append(((q * logq * logq).sum(-1) - ent * ent).clamp(min=0))
+            # log E_q[q^-lam] = logsumexp((1 - lam) log q) over the kept tokens, and so on
+            neg = torch.full_like(logq[:, :, None], -math.inf)
+            out["mgf_low"].append(torch.logsumexp(
+                torch.where(kept[:, :, None], (1 - lam_low) * logq[:, :, None], neg), dim=1))
+            out["mgf_high"].append(torch.logsumexp(
+                torch.where(kept[:, :, None], (1 + lam_high) * logq[:, :, None], neg), dim=1))
+            out["boundary_size"].append(n)
+        return {key: torch.stack(v, 1) for key, v in out.items()}
+
+    # -- re-run ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[list[int]], settings: Sequence[Settings],
+                 seeds: Sequence[int], batch_size: int = 16) -> list[list[int]]:
+        """Fixed-seed generation, one torch.Generator per probe, so a probe's re-run does
+        not depend on which other probes shared its batch."""
+        results: list[list[int]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -settings[i].max_tokens)
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            for idx, toks in zip(chunk, self._generate_batch(
+                    [prompts[i] for i in chunk], [settings[i] for i in chunk], [seeds[i] for i in chunk])):
+                results[idx] = toks
+        return results
+
+    def _generate_batch(self, prompts, settings, seeds) -> list[list[int]]:
+        n = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every row ends at the same column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        done = [False] * n
+        out: list[list[int]] = [[] for _ in range(n)]
+        limit = max(s.max_tokens for s in settings)
+        cache = None
+        step_ids = ids
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.lock:
+            for step in range(limit):
+                res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+                cache = res.past_key_values
+                logits = res.logits[:, -1, :].float()
+                nxt = []
+                for row in range(n):
+                    if done[row]:
+                        nxt.append(self.pad_id)
+                        continue
+                    tok = sample_next(logits[row], settings[row], gens[row])
+                    if tok in self.eos_ids:
+                        done[row] = True
+                    else:
+                        out[row].append(tok)
+                        if len(out[row]) >= settings[row].max_tokens:
+                            done[row] = True
+                    nxt.append(tok)
+                if all(done):
+                    break
+                step_ids = torch.tensor(nxt, device=self.device)[:, None]
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], -1)
+                positions = positions[:, -1:] + 1
+        return out
