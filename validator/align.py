@@ -26,6 +26,8 @@ OUTSIDE_SUPPORT_PENALTY = 30.0  # nats; keeps out-of-support tokens ordered but 
 BRANCH_MARGIN = 0.05  # nats; below this an alternative is a tie, not worth a pass
 MAX_BRANCHES = 12  # per answer: bounds the work a hostile answer can cause
 MAX_IMPLIED = 2  # stripped whitespace tokens allowed at each end
+TROUBLE_GAP = 0.5  # nats; a greedy token this far off makes us re-examine the last steps
+LOOK_BACK = 3  # steps re-examined before a suspicious token
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _State:
     pending: Path | None = None
     pending_step: int = 0
     compare: tuple[int, int] = (0, 0)
+    tried: set = field(default_factory=set)
     done: bool = False
     lead_implied: int = 0
 
@@ -185,8 +188,10 @@ class Aligner:
             m = measure(feats, i, slice(0, len(cands)), item.settings, item.support_tolerance)
             if i < len(path.tokens):
                 best = int(np.argmax(m))
-                if best != 0 and m[best] > m[0] + BRANCH_MARGIN:
+                if best != 0 and m[best] > m[0] + BRANCH_MARGIN and self._untried(s, i, cands[best]):
                     self._propose(s, i, cands[best])
+                    return
+                if self._troubled(feats, i, item) and self._look_back(s, i):
                     return
             elif not item.settings.length_stop(len(path.tokens)):
                 # An early stop: is whitespace the API stripped more likely than ending?
@@ -199,20 +204,65 @@ class Aligner:
             s.step += 1
         s.done = True
 
+    @staticmethod
+    def _troubled(feats: StepFeatures, i: int, item: AlignItem) -> bool:
+        """A token the reference finds suspicious: maybe an earlier segmentation choice
+        (locally best, globally wrong) put it there."""
+        logp = feats.cand_logp[i, 0]
+        if item.settings.greedy:
+            return feats.max_logp[i] - logp > TROUBLE_GAP
+        return logp < feats.boundary[i].min()
+
+    def _untried(self, s: _State, i: int, token: int) -> bool:
+        key = (s.path.ends[i - 1] if i else 0, token)
+        if key in s.tried:
+            return False
+        s.tried.add(key)
+        return True
+
+    def _look_back(self, s: _State, i: int) -> bool:
+        """Propose, at one of the last few steps up to i, the most likely token that ends
+        on another byte than the current one (a different segmentation there)."""
+        path, item = s.path, s.item
+        best = None
+        for k in range(max(0, i - LOOK_BACK), i + 1):
+            start = path.ends[k - 1] if k else 0
+            cands = path.cands[k]
+            m = measure(path.feats, k, slice(0, len(cands)), item.settings, item.support_tolerance)
+            for c in np.argsort(-m[1:]) + 1:
+                token = cands[int(c)]
+                if start + self._covered(s.data, start, token) == path.ends[k]:
+                    continue
+                if (start, token) in s.tried:
+                    continue
+                gain = float(m[c] - m[0])
+                if best is None or gain > best[0]:
+                    best = (gain, k, token)
+                break
+        if best is None:
+            return False
+        _, k, token = best
+        self._untried(s, k, token)
+        self._propose(s, k, token)
+        return True
+
+    def _covered(self, data: bytes, start: int, token: int) -> int:
+        """Bytes of the text a candidate token covers at `start`."""
+        tb = self.table.bytes[token]
+        if data.startswith(tb, start):
+            return len(tb)
+        if start == 0 and tb.lstrip() and data.startswith(tb.lstrip(), 0):
+            return len(tb.lstrip())
+        if data[start:] and tb.rstrip() == data[start:]:
+            return len(data) - start
+        return 0  # pure whitespace the API stripped
+
     def _propose(self, s: _State, i: int, token: int) -> None:
         """The path with `token` at step i, rejoining the current path at its next token
         boundary, so the two differ only locally and later steps keep their own walk."""
         path = s.path
         start = path.ends[i - 1] if i else 0
-        tb = self.table.bytes[token]
-        if s.data.startswith(tb, start):
-            covered = len(tb)
-        elif start == 0 and tb.lstrip() and s.data.startswith(tb.lstrip(), 0):
-            covered = len(tb.lstrip())
-        elif s.data[start:] and tb.rstrip() == s.data[start:]:
-            covered = len(s.data) - start
-        else:  # pure whitespace the API stripped
-            covered = 0
+        covered = self._covered(s.data, start, token)
         new_end = start + covered
         if covered == 0:
             fill, rejoin = [], i  # the current path resumes right after the new token
@@ -234,14 +284,16 @@ class Aligner:
         if self._cost(s.pending, i, new_stop, s.item) < self._cost(s.path, i, old_stop, s.item):
             s.path = s.pending
         s.pending = None
-        s.step = i + 1
+        s.step = i  # look at this step again: another untried alternative may fit better
 
     def _cost(self, path: Path, start: int, stop: int, item: AlignItem) -> float:
         """Cost of steps [start, stop) of a path; step len(tokens) is the stop itself."""
         feats = path.feats
         total = 0.0
         n = len(path.tokens)
-        for i in range(start, min(stop, n + 1)):
+        # After an answer cut by max_tokens nothing is expected, so its end is not scored.
+        last = n if item.settings.length_stop(n) else n + 1
+        for i in range(start, min(stop, last)):
             cols = slice(0, 1) if i < n else slice(0, len(self.table.eos_ids))
             m = measure(feats, i, cols, item.settings, item.support_tolerance).max()
             total += (feats.max_logp[i] - m) if item.settings.greedy else -m

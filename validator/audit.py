@@ -28,6 +28,9 @@ from .similarity import similarity
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # answers aligned together: one batched pass each, bounded memory
+# Natural text runs 3-5 bytes a token. An answer denser than this many bytes a token of
+# max_tokens is failed without alignment, so a hostile megabyte costs no model time.
+MAX_BYTES_PER_TOKEN = 32
 
 
 class Message(BaseModel):
@@ -107,6 +110,10 @@ class Auditor:
 
     def prepare(self, job: Job) -> None:
         job.prompt = self.ref.prompt_ids([m.model_dump() for m in job.record.messages])
+        room = self.ref.max_positions - job.settings.max_tokens - 8
+        if len(job.prompt) > room:
+            raise InputError(f"prompt of {len(job.prompt)} tokens leaves no room for max_tokens="
+                             f"{job.settings.max_tokens} in the model's {self.ref.max_positions} positions")
 
     def rerun_all(self, jobs: list[Job]) -> None:
         """One fixed-seed generation per distinct probe, shared by every host that got it."""
@@ -132,11 +139,11 @@ class Auditor:
         to_align = []
         for job in jobs:
             size = len(job.record.response.encode("utf-8", "surrogatepass"))
-            if size > job.settings.max_tokens * self.ref.table.max_len:
-                # No segmentation can fit; don't feed a hostile megabyte to the model.
+            limit = job.settings.max_tokens * min(MAX_BYTES_PER_TOKEN, self.ref.table.max_len)
+            if size > limit:
                 s = Score("fail", 0.0, [f"answer of {size} bytes cannot fit in max_tokens="
-                                        f"{job.settings.max_tokens} tokens of this model"],
-                          {"bytes": size})
+                                        f"{job.settings.max_tokens} tokens (over {limit} bytes)"],
+                          {"bytes": size, "byte_limit": limit})
                 job.result = self._output(job, s)
             else:
                 to_align.append(job)
@@ -205,6 +212,7 @@ def run_audit(lines: Iterable[str], registry: Registry, *, rule: VerdictRule = V
             except Exception as exc:  # a chat template may reject a conversation
                 outputs[job.line] = error_line(job.line, job.record.model_dump(), f"prompt: {exc}")
                 on_error(f"line {job.line}: prompt: {exc}")
+                log.debug("prompt rejected", exc_info=True)
         for start in range(0, len(ready), CHUNK):
             chunk = ready[start : start + CHUNK]
             if rerun:

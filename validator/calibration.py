@@ -14,6 +14,7 @@ the rule of three, 3 / (number of honest observations), since none were seen.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 from pathlib import Path
 from typing import Callable
@@ -53,11 +54,11 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
     for al, s in zip(alignments, settings):
         f, n = al.feats, len(al.tokens)
         if s.greedy:
-            out["greedy_gap"] += list(f.max_logp[:n] - al.token_logp)
+            out["greedy_gap"] += [float(g) for g in f.max_logp[:n] - al.token_logp]
             out["greedy_tokens"][0] += n
         else:
             edge = f.boundary[:n].min(axis=1)
-            out["support_gap"] += list(np.maximum(edge - al.token_logp, 0.0))
+            out["support_gap"] += [float(g) for g in np.maximum(edge - al.token_logp, 0.0)]
             out["sampled_tokens"][0] += n
             out["sampled_p"].append(score(al, s, ref.table, tol).metrics["components"]["statistic"])
         if not s.length_stop(n):
@@ -68,8 +69,56 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
 
 
 def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str], *, limit: int = 0,
-              log: Callable[[str], None] = print) -> dict:
+              answers: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """answers: a JSONL file of honest answers; reused when it exists, written when not."""
     ref = ReferenceModel.load(spec)
+    if answers and answers.exists():
+        records: dict[str, list[dict]] = {}
+        for line in answers.read_text().splitlines():
+            r = json.loads(line)
+            records.setdefault(r["host"], []).append(r)
+        log(f"reusing {sum(map(len, records.values()))} honest answers from {answers}")
+    else:
+        records = _answer(spec, prompts_path, engine_names, limit, log)
+        if answers:
+            answers.parent.mkdir(parents=True, exist_ok=True)
+            answers.write_text("".join(json.dumps(r) + "\n" for recs in records.values() for r in recs))
+    base = Tolerances()
+    per_engine: dict[str, dict] = {}
+    pooled: dict[str, list[float]] = {}
+    for name, recs in records.items():
+        log(f"scoring {len(recs)} answers of {name} ...")
+        m = measure(ref, recs, base)
+        per_engine[name] = _describe(m)
+        for k, v in m.items():
+            pooled[k] = pooled.get(k, []) + v
+    for k in ("greedy_tokens", "sampled_tokens", "early_stops"):
+        pooled[k] = [sum(pooled[k])]
+    tol = {
+        key: round(max(FLOORS[key], SAFETY * float(max(pooled[key]) if pooled[key] else 0.0)), 4)
+        for key in ("greedy_gap", "support_gap", "eos_gap")
+    }
+    tol["token_rate"] = 3.0 / max(pooled["greedy_tokens"][0], 3)
+    tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
+    tol["eos_rate"] = 3.0 / max(pooled["early_stops"][0], 3)
+    n_answers = sum(len(r) for r in records.values())
+    return {
+        "model": spec.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"validator calibrate --model {spec.name} --prompts {prompts_path} "
+                   f"--engines {','.join(engine_names)}" + (f" --limit {limit}" if limit else ""),
+        "summary": f"{n_answers} honest answers, engines {', '.join(records)}",
+        "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
+                "rate = 3 / honest observations (rule of three)",
+        "tolerances": tol,
+        "observed": _describe(pooled),
+        "engines": per_engine,
+        "verdict_rule": VerdictRule().__dict__,
+    }
+
+
+def _answer(spec: ModelSpec, prompts_path, engine_names: list[str], limit: int,
+            log: Callable[[str], None]) -> dict[str, list[dict]]:
     prompts = load_bank(prompts_path)[: limit or None]
     probes = greedy_and_sampled(prompts, load_mix(), SEED)
     records: dict[str, list[dict]] = {}
@@ -78,41 +127,13 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
         engine = make_engine(name, spec)
         records[name] = answer_records(engine, probes, name, spec.name)
         del engine
-        if name == "llama.cpp":
+        if name == "llama.cpp":  # as an API that strips surrounding whitespace returns them
             rng = random.Random(SEED)
             records["llama.cpp-stripped"] = [
-                {**r, "response": r["response"].strip() if rng.random() < 0.5 else r["response"].lstrip()}
+                {**r, "host": "llama.cpp-stripped",
+                 "response": r["response"].strip() if rng.random() < 0.5 else r["response"].lstrip()}
                 for r in records[name]]
-    base = Tolerances()
-    per_engine, pooled = {}, {}
-    for name, recs in records.items():
-        log(f"scoring {len(recs)} answers of {name} ...")
-        m = measure(ref, recs, base)
-        per_engine[name] = _describe(m)
-        for k, v in m.items():
-            pooled[k] = [a + b for a, b in zip(pooled[k], v)] if k.endswith(("tokens", "stops")) \
-                else pooled.get(k, []) + v
-    tol = {
-        key: max(FLOORS[key], SAFETY * (max(pooled[key]) if pooled[key] else 0.0))
-        for key in ("greedy_gap", "support_gap", "eos_gap")
-    }
-    tol["token_rate"] = 3.0 / max(pooled["greedy_tokens"][0], 3)
-    tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
-    tol["eos_rate"] = 3.0 / max(pooled["early_stops"][0], 3)
-    answers = sum(len(r) for r in records.values())
-    return {
-        "model": spec.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"validator calibrate --model {spec.name} --prompts {prompts_path} "
-                   f"--engines {','.join(engine_names)}" + (f" --limit {limit}" if limit else ""),
-        "summary": f"{answers} honest answers, engines {', '.join(records)}",
-        "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
-                "rate = 3 / honest observations (rule of three)",
-        "tolerances": tol,
-        "observed": _describe(pooled),
-        "engines": per_engine,
-        "verdict_rule": VerdictRule().__dict__,
-    }
+    return records
 
 
 def _describe(m: dict[str, list[float]]) -> dict:

@@ -88,6 +88,7 @@ def calibrate(
     engines: str = typer.Option("transformers-float32,transformers-bfloat16,llama.cpp",
                                 help="Honest engines to run, comma separated."),
     limit: int = typer.Option(0, help="Use only the first N prompts (0: all)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Answer the prompts again even if saved answers exist."),
     models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
 ):
     """Measure how far honest engines stray from the reference and write tolerances."""
@@ -99,8 +100,12 @@ def calibrate(
     target = out or spec.calibration
     if target is None:
         raise typer.BadParameter(f"model {model} has no calibration path; pass --out")
+    # The honest answers are kept beside the tolerances, so anyone can re-derive them.
+    answers = target.with_name(target.stem + ".answers.jsonl")
+    if fresh and answers.exists():
+        answers.unlink()
     result = run(spec, prompts, [e.strip() for e in engines.split(",") if e.strip()], limit=limit,
-                 log=lambda m: err.print(m, highlight=False))
+                 answers=answers, log=lambda m: err.print(m, highlight=False))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     err.print(f"wrote {target}")

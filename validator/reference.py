@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # lambda grid for the Chernoff bounds on the sampled log-prob statistic (scoring.py)
 LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
+_STEP_SLICE = 256  # steps reduced at once
 _TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
 
 
@@ -47,6 +48,13 @@ class StepFeatures:
     mgf_low: np.ndarray | None = None  # [S, 2, L] log E_q[q^-lambda]
     mgf_high: np.ndarray | None = None  # [S, 2, H] log E_q[q^lambda]
 
+
+    @staticmethod
+    def concat(parts: list["StepFeatures"]) -> "StepFeatures":
+        head = parts[0]
+        for tail in parts[1:]:
+            head = head.spliced(len(head.max_logp), tail)
+        return head
 
     def spliced(self, steps: int, tail: "StepFeatures") -> "StepFeatures":
         """This path's first `steps` steps followed by `tail` (features of another path
@@ -78,6 +86,8 @@ class ReferenceModel:
                 eos.add(source)
             elif source:
                 eos.update(int(x) for x in source)
+        for name in spec.extra.get("stop_tokens", ()):  # e.g. Gemma's <end_of_turn>
+            eos.add(int(tokenizer.convert_tokens_to_ids(name)))
         self.eos_ids = sorted(eos)
         self.table = TokenTable(tokenizer, self.eos_ids)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -101,6 +111,10 @@ class ReferenceModel:
         return cls(spec, model, tokenizer, device)
 
     # -- prompts ---------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 8192))
+
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """The model's own chat template, ending where the assistant's answer starts."""
         ids = self.tokenizer.apply_chat_template(
@@ -154,10 +168,15 @@ class ReferenceModel:
                 prompt, path, cands, settings, first = items[idx]
                 start = len(prompt) - 1  # position whose output predicts path[0]
                 h = hidden[row, start + first : start + len(path) + 1]
-                logits = head(h).float()
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                out[idx] = self._reduce(torch.log_softmax(logits, dim=-1), cands[first:], settings)
+                parts = []
+                # Steps in slices: [steps, vocab] logits of a 262k vocabulary add up fast.
+                for a in range(0, h.shape[0], _STEP_SLICE):
+                    logits = head(h[a : a + _STEP_SLICE]).float()
+                    if self.softcap:
+                        logits = torch.tanh(logits / self.softcap) * self.softcap
+                    parts.append(self._reduce(torch.log_softmax(logits, dim=-1),
+                                              cands[first + a : first + a + _STEP_SLICE], settings))
+                out[idx] = parts[0] if len(parts) == 1 else StepFeatures.concat(parts)
 
     def _reduce(self, logp: torch.Tensor, cands: list[list[int]], settings: Settings) -> StepFeatures:
         steps = logp.shape[0]

@@ -1,0 +1,85 @@
+"""The statistics behind the verdicts, checked on the reference's own exact sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from validator.align import AlignItem, Aligner
+from validator.evidence import HostRule, fisher, host_verdict
+from validator.probes import load_bank
+from validator.sampling import Settings
+from validator.scoring import Tolerances, score
+from validator.similarity import similarity
+
+
+@pytest.fixture(scope="module")
+def own_samples(ref):
+    """Answers sampled by the reference itself (transformers' order, per-probe seeds):
+    exactly the distribution the statistic assumes."""
+    bank = load_bank("configs/prompts/general.yaml")[:20]
+    prompts = [ref.prompt_ids(p.messages) for p in bank]
+    out = {}
+    for settings in (Settings(temperature=0.7, top_k=50, top_p=0.5, max_tokens=48),
+                     Settings(temperature=1.0, top_k=0, top_p=0.95, max_tokens=48)):
+        toks = ref.generate(prompts, [settings] * len(prompts), list(range(100, 100 + len(prompts))))
+        texts = [ref.tokenizer.decode(t) for t in toks]
+        out[settings] = (prompts, texts)
+    return out
+
+
+def _scores(ref, tolerances, prompts, texts, settings):
+    als = Aligner(ref).align([AlignItem(p, t, settings, support_tolerance=tolerances.support_gap)
+                              for p, t in zip(prompts, texts)])
+    return [score(al, settings, ref.table, tolerances) for al in als]
+
+
+def test_statistic_is_centred_for_honest_sampling(ref, tolerances, own_samples):
+    for settings, (prompts, texts) in own_samples.items():
+        scores = _scores(ref, tolerances, prompts, texts, settings)
+        assert all(s.verdict != "fail" for s in scores)
+        z = np.array([s.metrics["sampled"]["z"]["transformers"] for s in scores])
+        assert abs(z.mean()) < 1.0, (settings, z)
+        p = np.array([s.metrics["components"]["statistic"] for s in scores])
+        assert (p < 1e-3).sum() == 0
+
+
+def test_statistic_flags_greedy_answers_to_sampled_requests(ref, tolerances, own_samples):
+    settings, (prompts, _) = next(iter(own_samples.items()))
+    greedy = Settings(temperature=0.0, max_tokens=settings.max_tokens)
+    texts = [ref.tokenizer.decode(t) for t in ref.generate(prompts, [greedy] * len(prompts), [0] * len(prompts))]
+    scores = _scores(ref, tolerances, prompts, texts, settings)
+    z = np.array([s.metrics["sampled"]["z"]["transformers"] for s in scores])
+    assert z.mean() > 1.0
+    summary = host_verdict([s.p_value for s in scores], [s.verdict for s in scores])
+    assert summary["verdict"] == "dishonest"
+    assert any("look ignored" in r for s in scores for r in s.reasons)
+
+
+def test_tolerances_come_from_the_committed_calibration(spec, tolerances):
+    raw = json.loads(spec.calibration.read_text())
+    assert tolerances.greedy_gap == raw["tolerances"]["greedy_gap"]
+    assert "honest answers" in raw["summary"] and raw["command"].startswith("validator calibrate")
+    assert "cheat" not in json.dumps(raw["engines"])  # calibrated on honest engines only
+    assert Tolerances.from_file(None).source.startswith("built-in")
+
+
+def test_fisher_and_host_rule():
+    assert fisher([]) == 1.0 and fisher([1.0] * 10) == pytest.approx(1.0)
+    assert fisher([0.0, 1.0]) == 0.0
+    assert fisher([1e-3] * 5) < 1e-6
+    assert host_verdict([1.0, 1.0], ["pass", "pass"])["verdict"] == "inconclusive"  # too few
+    assert host_verdict([1.0] * 3, ["pass"] * 3)["verdict"] == "honest"
+    flagged = host_verdict([1e-9, 0.5, 1.0], ["fail", "pass", "pass"], HostRule(alpha=1e-4))
+    assert flagged == {"verdict": "dishonest", "records": 3, "failed": 1, "p_value": flagged["p_value"]}
+
+
+def test_similarity_metrics():
+    same = similarity("The capital is Paris.", "The capital is Paris.")
+    assert same["exact"] and same["rouge_l"] == 1.0 and same["edit_distance"] == 0.0 and same["chrf"] == 1.0
+    diff = similarity("The capital is Paris.", "Lyon is a city in France.")
+    assert not diff["exact"] and diff["rouge_l"] < 0.3 and diff["edit_distance"] > 0.5
+    assert 0.0 <= diff["chrf"] < same["chrf"]
+    assert similarity("abc", "abd")["shared_prefix_chars"] == 2
