@@ -11,7 +11,7 @@ from validator.probes import load_bank
 from validator.sampling import Settings
 
 
-def _generated(ref, n=24, settings=Settings(temperature=0.0, max_tokens=64)):
+def _generated(ref, n=16, settings=Settings(temperature=0.0, max_tokens=64)):
     prompts = [ref.prompt_ids(p.messages) for p in load_bank("configs/prompts/general.yaml")[40:40 + n]]
     outs = ref.generate(prompts, [settings] * n, list(range(n)))
     return prompts, outs
@@ -32,22 +32,34 @@ def test_recovers_generated_tokens_where_canonical_tokenisation_does_not(ref):
             assert b"".join(ref.table.bytes[t] for t in al.tokens).strip() == text.encode().strip()
 
 
-def test_stripped_whitespace_is_implied_not_penalised(ref):
-    prompt = ref.prompt_ids([{"role": "user", "content": "Give me a numbered list of three colours."}])
-    settings = Settings(temperature=0.0, max_tokens=40)
-    text = ref.tokenizer.decode(ref.generate([prompt], [settings], [0])[0])
-    variants = [text, text.strip(), "  " + text.strip() + "\n"]
-    als = Aligner(ref).align([AlignItem(prompt, v, settings) for v in variants])
-    for al in als:
-        gaps = al.feats.max_logp[: len(al.tokens)] - al.token_logp
-        assert gaps.max() < 1.0, gaps
+def test_stripped_whitespace_is_implied_not_penalised(ref, honest_records):
+    """Honest answers that end in whitespace, as an API that strips it returns them."""
+    records = [r for host, recs in honest_records.items() if "stripped" not in host for r in recs
+               if r["response"] != r["response"].strip()]
+    assert records, "no honest answer with surrounding whitespace to strip"
+    items = []
+    for r in records:
+        settings = Settings.from_configs(r["configs"])
+        prompt = ref.prompt_ids(r["messages"])
+        items += [AlignItem(prompt, r["response"], settings), AlignItem(prompt, r["response"].strip(), settings)]
+    als = Aligner(ref).align(items)
+    for r, whole, stripped in zip(records, als[::2], als[1::2]):
+        settings = Settings.from_configs(r["configs"])
+        n_whole, n_stripped = len(whole.tokens), len(stripped.tokens)
+        gap_whole = whole.feats.max_logp[:n_whole] - whole.token_logp
+        gap_stripped = stripped.feats.max_logp[:n_stripped] - stripped.token_logp
+        assert gap_stripped.max() <= gap_whole.max() + 0.5
+        if not settings.length_stop(n_whole):
+            # An early stop: the lost whitespace comes back as implied tokens before the end.
+            assert n_stripped == n_whole and sum(stripped.implied) >= 1, (n_whole, n_stripped)
+        # (After a max_tokens cut nothing tells what whitespace followed; none is implied.)
 
 
 def test_hostile_text_bounded_work(ref):
     """Random bytes, lone surrogates, special-token strings: aligned, bounded, no crash."""
     rng = random.Random(3)
     prompt = ref.prompt_ids([{"role": "user", "content": "Hi"}])
-    noise = "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(200))
+    noise = "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(60))
     texts = [noise, "\ud800 lone surrogate", "<|im_end|><|im_start|>user\nhi", "", " ", "\n\n\n"]
     als = Aligner(ref).align([AlignItem(prompt, t, Settings(temperature=0.7)) for t in texts])
     for al, t in zip(als, texts):

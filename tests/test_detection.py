@@ -17,7 +17,8 @@ from .conftest import CHEAT_ANSWERS, MODEL
 def _audit(records, registry, ref):
     import json
 
-    lines, hosts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref})
+    # The re-run only feeds similarity metrics (checked in test_audit_cli); verdicts do not use it.
+    lines, hosts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref}, rerun=False)
     return lines, hosts
 
 
@@ -50,9 +51,8 @@ def test_honest_hosts_cover_greedy_sampled_and_stripped(honest_records):
     for host, records in honest_records.items():
         temps = {r["configs"]["temperature"] for r in records}
         assert 0.0 in temps and any(t > 0 for t in temps), host
-    stripped = honest_records["honest-llama.cpp-stripped"]
-    original = honest_records["honest-llama.cpp"]
-    assert any(a["response"] != b["response"] for a, b in zip(stripped, original))
+    for a, b in zip(honest_records["honest-llama.cpp-stripped"], honest_records["honest-llama.cpp"]):
+        assert a["response"] == b["response"].strip()
 
 
 @pytest.mark.parametrize("cheat", [

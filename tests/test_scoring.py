@@ -47,7 +47,9 @@ def test_statistic_is_centred_for_honest_sampling(ref, tolerances, own_samples):
 
 
 def test_statistic_flags_greedy_answers_to_sampled_requests(ref, tolerances, own_samples):
-    settings, (prompts, _) = next(iter(own_samples.items()))
+    # At temperature 1 and top-p 0.95 sampling has entropy to lose. (At the API's default
+    # top-p 0.5 many steps keep one token and greedy decoding is nearly honest sampling.)
+    settings, (prompts, _) = list(own_samples.items())[1]
     greedy = Settings(temperature=0.0, max_tokens=settings.max_tokens)
     texts = [ref.tokenizer.decode(t) for t in ref.generate(prompts, [greedy] * len(prompts), [0] * len(prompts))]
     scores = _scores(ref, tolerances, prompts, texts, settings)

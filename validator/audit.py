@@ -106,7 +106,7 @@ class Auditor:
         self.tol = tolerances
         self.rule = rule
         self.aligner = Aligner(ref)
-        self.reruns: dict[str, str] = {}
+        self.reruns = ref.reruns  # per probe, shared by every audit on this model
 
     def prepare(self, job: Job) -> None:
         job.prompt = self.ref.prompt_ids([m.model_dump() for m in job.record.messages])

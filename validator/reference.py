@@ -95,6 +95,7 @@ class ReferenceModel:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.max_batch_tokens = 8192 if device == "cpu" else 65536
         self.lock = threading.Lock()  # one forward at a time per model
+        self.reruns: dict[str, str] = {}  # probe key -> the reference's own answer
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "ReferenceModel":

@@ -97,7 +97,7 @@ def _converted_gguf(spec: ModelSpec) -> Path:
             [str(gguf), stat.st_size, int(stat.st_mtime), transformers.__version__, spec.chat_template]
         ).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{spec.name}-{key}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
 

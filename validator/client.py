@@ -1,0 +1,475 @@
+"""Async client for the Flexstack text-completion API: one probe is one `complete` call.
+
+Every failure of a host comes back as a `CallRecord` with an error class from `Err`;
+only bad arguments raise. The per-call deadline (`Timeouts.total`) is enforced here with
+asyncio.timeout, because httpx's read timeout only bounds the gap between two chunks: a
+host trickling one byte a second would otherwise hold a probe forever.
+
+API facts used here are in shared/reference/flexstack.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+
+from validator.sampling import Settings
+
+ROLES = ("system", "user", "assistant")
+_ERROR_BODY_CAP = 64 * 1024  # enough of an error body for its message
+
+
+class Err:
+    """Error classes of a CallRecord (stable strings: they are stored and aggregated)."""
+
+    CONNECT = "connect_error"  # TCP connect refused / timed out (after retries)
+    FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # request sent, no response headers in time
+    TOTAL_TIMEOUT = "total_timeout"  # the whole call (all attempts) ran past Timeouts.total
+    HTTP_4XX = "http_4xx"  # client error other than 401/429; detail has the server's message
+    AUTH_FAILED = "auth_failed"  # 401 after refresh / login, login refused, or no way to re-auth
+    RATE_LIMITED = "rate_limited"  # 429 after retries
+    SERVER_ERROR = "server_error"  # 5xx after retries
+    MALFORMED_JSON = "malformed_json"  # non-streamed body is not JSON
+    BAD_ENVELOPE = "bad_envelope"  # JSON, but no string data.data.response, status not
+    #                                "success", non-empty errors, or task not COMPLETED
+    OVERSIZED = "oversized"  # answer over Timeouts.max_bytes; reading stopped at the cap
+    INVALID_UTF8 = "invalid_utf8"  # answer is not valid UTF-8 (or holds lone surrogates)
+    STREAM_CUT = "stream_cut"  # connection closed before the body (or response) completed
+    PROTOCOL_ERROR = "protocol_error"  # any other transport failure (bad HTTP, pool timeout...)
+
+
+# Failures worth another attempt; everything else is the host's answer and is kept.
+_TRANSIENT = {Err.CONNECT, Err.RATE_LIMITED, Err.SERVER_ERROR}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-call limits. Seconds unless named otherwise."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0  # from sending the request until the response headers
+    total: float = 180.0  # hard deadline for the whole call, retries and re-auth included
+    max_bytes: int = 1 << 20  # cap on the answer's size
+    retries: int = 2  # extra attempts after a transient failure
+    backoff_base: float = 0.2  # exponential backoff with full jitter: U(0, min(cap, base*2^n))
+    backoff_cap: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte", "total", "backoff_base", "backoff_cap"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Timeouts.{name} must be > 0")
+        if self.max_bytes < 1 or self.retries < 0:
+            raise ValueError("Timeouts.max_bytes must be >= 1 and retries >= 0")
+
+
+@dataclass
+class CallRecord:
+    """What one call produced. `ok` is True exactly when `error` is None."""
+
+    ok: bool
+    text: str | None = None
+    status: int | None = None  # HTTP status of the last attempt
+    error: str | None = None  # an Err constant
+    detail: str = ""
+    ttfb_s: float | None = None  # request sent -> response headers, last attempt
+    total_s: float = 0.0  # the whole call, retries included
+    bytes: int = 0  # body bytes read in the last attempt
+    attempts: int = 0
+    stream: bool = False
+    configs_echo: dict | None = None  # data.configs of a non-streamed answer
+    served_by: str | None = None  # X-Served-By: the host a gateway routed us to
+
+
+def _fail(rec: CallRecord, error: str, detail: str) -> None:
+    rec.error, rec.detail, rec.text = error, detail, None
+
+
+class FlexstackClient:
+    """Async client for one Flexstack base URL. Pass a shared `http` client (or a
+    `transport`) to pool connections across many hosts; size its limits above the
+    concurrency, since waiting for a pool slot counts against the first-byte window."""
+
+    def __init__(self, base_url: str, *, token: str | None = None,
+                 refresh_token: str | None = None, username: str | None = None,
+                 password: str | None = None, timeouts: Timeouts | None = None,
+                 http: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 limits: httpx.Limits | None = None) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if (username is None) != (password is None):
+            raise ValueError("give both username and password, or neither")
+        if http is not None and (transport is not None or limits is not None):
+            raise ValueError("pass either an httpx.AsyncClient or transport/limits, not both")
+        self.base_url = str(url).rstrip("/")
+        self.token, self.refresh_token = token, refresh_token
+        self.username, self.password = username, password
+        self.timeouts = timeouts or Timeouts()
+        self._expires_at: float | None = None  # monotonic; None = unknown, assume valid
+        self._auth_lock = asyncio.Lock()  # one refresh at a time, shared by all calls
+        self._owns_http = http is None
+        # keepalive_expiry stays under common server idle timeouts (uvicorn: 5 s) so we
+        # rarely reuse a connection the host has already closed. trust_env off: probes
+        # must not silently go through an operator's proxy; pass your own client for that.
+        self._http = http or httpx.AsyncClient(
+            transport=transport, trust_env=False, follow_redirects=False,
+            limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=50,
+                                          keepalive_expiry=4.0))
+        # Read/write are unbounded in httpx on purpose: our own timers own them.
+        self._httpx_timeout = httpx.Timeout(connect=self.timeouts.connect, read=None,
+                                            write=None, pool=self.timeouts.first_byte)
+
+    async def __aenter__(self) -> "FlexstackClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close our connection pool (a client passed in is left to its owner)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    # ----------------------------------------------------------------- public calls
+
+    async def complete(self, messages: list[dict], settings: Settings, model: str = "gemma-7b",
+                       stream: bool = False) -> CallRecord:
+        """POST /ai/text_completion; the answer text is exact (streamed bytes are joined
+        raw, so blank lines survive) or the record says why there is none."""
+        _check_messages(messages)
+        if not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        content = json.dumps({"messages": messages,
+                              "configs": {"model": model, **settings.as_configs()}}).encode()
+
+        def build() -> httpx.Request:
+            return self._request("/ai/text_completion", content=content,
+                                 params={"stream": "true" if stream else "false"},
+                                 headers={"Content-Type": "application/json"})
+
+        # A non-streamed body also carries JSON escaping and the echoed request: allow
+        # for both before calling it oversized (the answer itself is checked after).
+        cap = self.timeouts.max_bytes if stream else (
+            2 * self.timeouts.max_bytes + 2 * len(content) + _ERROR_BODY_CAP)
+        return await self._call(build, self._parse_completion, stream=stream, authed=True, cap=cap)
+
+    async def login(self) -> CallRecord:
+        """POST /user/login with HTTP Basic auth; stores the tokens on success."""
+        if self.username is None:
+            raise ValueError("login() needs username and password")
+        async with self._auth_lock:
+            return await self._login()
+
+    async def refresh(self) -> CallRecord:
+        """POST /user/refresh_token; stores the new tokens on success."""
+        if not self.refresh_token:
+            raise ValueError("refresh() needs a refresh token (log in first)")
+        async with self._auth_lock:
+            return await self._refresh()
+
+    # ----------------------------------------------------------------- auth
+
+    async def _login(self) -> CallRecord:
+        basic = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return await self._call(lambda: self._request("/user/login", auth=f"Basic {basic}"),
+                                self._parse_tokens, stream=False, authed=False,
+                                cap=_ERROR_BODY_CAP)
+
+    async def _refresh(self) -> CallRecord:
+        data = {"refresh_token": self.refresh_token or ""}
+        return await self._call(lambda: self._request("/user/refresh_token", data=data),
+                                self._parse_tokens, stream=False, authed=False,
+                                cap=_ERROR_BODY_CAP)
+
+    def _expired(self) -> bool:
+        return self._expires_at is not None and time.monotonic() >= self._expires_at
+
+    def _can_renew(self) -> bool:
+        return bool(self.refresh_token) or self.username is not None
+
+    async def _renew(self, used: str | None) -> CallRecord | None:
+        """Refresh, else log in; None on success. Skipped when another call already
+        replaced the token we used (50 concurrent 401s must not mean 50 refreshes)."""
+        async with self._auth_lock:
+            if self.token is not None and self.token != used and not self._expired():
+                return None
+            fail = CallRecord(ok=False, error=Err.AUTH_FAILED,
+                              detail="no refresh token or credentials to re-authenticate")
+            if self.refresh_token:
+                fail = await self._refresh()
+                if fail.ok:
+                    return None
+            if self.username is not None:
+                fail = await self._login()
+                if fail.ok:
+                    return None
+            return fail
+
+    def _parse_tokens(self, rec: CallRecord, body: bytes, response: httpx.Response) -> None:
+        obj = _load_json(rec, body)
+        if obj is None:
+            return
+        data = obj.get("data") if isinstance(obj, dict) else None
+        if obj.get("status", "success") != "success" or obj.get("errors") or not (
+                isinstance(data, dict) and isinstance(data.get("access_token"), str)
+                and data["access_token"]):
+            return _fail(rec, Err.BAD_ENVELOPE, "no data.access_token in the auth response: "
+                         + _describe(obj))
+        self.token = data["access_token"]
+        if isinstance(data.get("refresh_token"), str) and data["refresh_token"]:
+            self.refresh_token = data["refresh_token"]  # a refresh may not rotate it
+        ttl = data.get("expires_in")
+        # Renew a little early: a token that expires in flight costs a 401 round trip.
+        self._expires_at = (time.monotonic() + ttl - min(60.0, 0.1 * ttl)
+                            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool)
+                            else None)
+
+    # ----------------------------------------------------------------- one call
+
+    def _request(self, path: str, *, auth: str | None = None, **kwargs: Any) -> httpx.Request:
+        headers = kwargs.pop("headers", {})
+        auth = auth or (f"Bearer {self.token}" if self.token else None)
+        if auth:
+            headers["Authorization"] = auth
+        return self._http.build_request("POST", self.base_url + path, headers=headers,
+                                        timeout=self._httpx_timeout, **kwargs)
+
+    async def _call(self, build: Callable[[], httpx.Request], parse: Callable, *, stream: bool,
+                    authed: bool, cap: int) -> CallRecord:
+        rec = CallRecord(ok=False, stream=stream)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeouts.total):
+                await self._attempts(rec, build, parse, authed, t0 + self.timeouts.total, cap)
+        except TimeoutError:
+            rec.configs_echo = None
+            _fail(rec, Err.TOTAL_TIMEOUT, f"not finished within {self.timeouts.total}s "
+                  f"(attempt {rec.attempts}, {rec.bytes} body bytes read)")
+        rec.total_s = time.monotonic() - t0
+        rec.ok = rec.error is None
+        return rec
+
+    async def _attempts(self, rec: CallRecord, build: Callable[[], httpx.Request],
+                        parse: Callable, authed: bool, deadline: float, cap: int) -> None:
+        """Attempts until success, a lasting failure, or retries run out."""
+        retry, reauthed = 0, False
+        while True:
+            if authed and (self.token is None or self._expired()) and self._can_renew():
+                fail = await self._renew(self.token)
+                if fail is not None:
+                    rec.status = fail.status
+                    return _fail(rec, fail.error or Err.AUTH_FAILED, "auth: " + fail.detail)
+            used = self.token
+            rec.attempts += 1
+            hint = await self._attempt(rec, build(), parse, cap)
+            if rec.status == 401 and authed and not reauthed:
+                reauthed = True  # the token may just have expired: renew, retry once
+                fail = await self._renew(used)
+                if fail is None:
+                    continue
+                rec.status = fail.status or rec.status
+                return _fail(rec, fail.error or Err.AUTH_FAILED,
+                             f"HTTP 401, then re-auth failed: {fail.detail}")
+            # A connection closed before any response is the keep-alive race (the host
+            # dropped an idle pooled connection): retry it. A cut body is evidence: keep it.
+            transient = rec.error in _TRANSIENT or (rec.error == Err.STREAM_CUT
+                                                    and rec.status is None)
+            if not transient or retry >= self.timeouts.retries:
+                return
+            t = self.timeouts
+            delay = hint if hint is not None else random.uniform(
+                0, min(t.backoff_cap, t.backoff_base * 2 ** retry))
+            if delay >= deadline - time.monotonic():
+                rec.detail += f"; not retried: waiting {delay:.1f}s would pass the deadline"
+                return
+            retry += 1
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, rec: CallRecord, request: httpx.Request, parse: Callable,
+                       cap: int) -> float | None:
+        """One HTTP exchange; fills `rec` and returns a Retry-After hint in seconds."""
+        rec.status = rec.ttfb_s = rec.served_by = rec.configs_echo = rec.error = None
+        rec.text, rec.detail, rec.bytes = None, "", 0
+        loop, t = asyncio.get_running_loop(), self.timeouts
+        sent = loop.time()
+        try:
+            # Until the request goes out the window is connect + first_byte; httpcore's
+            # trace hook tells us when it does, and the first-byte clock restarts there.
+            async with asyncio.timeout(t.connect + t.first_byte) as window:
+                async def trace(event: str, info: dict) -> None:
+                    nonlocal sent
+                    if event.endswith("send_request_headers.started"):
+                        sent = loop.time()
+                        window.reschedule(sent + t.first_byte)
+
+                request.extensions["trace"] = trace
+                response = await self._http.send(request, stream=True)
+        except TimeoutError:
+            return _fail(rec, Err.FIRST_BYTE_TIMEOUT,
+                         f"no response headers within {t.first_byte}s of sending")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            return _fail(rec, Err.CONNECT, f"{type(e).__name__}: {e}")
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            return _fail(rec, Err.STREAM_CUT, f"closed before the response: {e}")
+        except httpx.HTTPError as e:
+            return _fail(rec, Err.PROTOCOL_ERROR, f"{type(e).__name__}: {e}")
+
+        rec.ttfb_s = loop.time() - sent
+        rec.status = response.status_code
+        rec.served_by = response.headers.get("x-served-by")
+        success = 200 <= response.status_code < 300
+        try:
+            body, over = await _read_capped(response, cap if success else _ERROR_BODY_CAP, rec)
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            return _fail(rec, Err.STREAM_CUT, f"body cut after {rec.bytes} bytes: {e}")
+        except httpx.HTTPError as e:
+            return _fail(rec, Err.PROTOCOL_ERROR, f"{type(e).__name__}: {e}")
+        finally:
+            await response.aclose()  # after a cap this drops the connection, as it should
+
+        if success:
+            if over:
+                return _fail(rec, Err.OVERSIZED, f"body over {cap} bytes; stopped reading")
+            return parse(rec, body, response)
+        code, message = response.status_code, f"HTTP {response.status_code}: {_error_detail(body)}"
+        if code == 401:
+            return _fail(rec, Err.AUTH_FAILED, message)
+        if code == 429 or code >= 500:
+            _fail(rec, Err.RATE_LIMITED if code == 429 else Err.SERVER_ERROR, message)
+            return _retry_after(response) if code in (429, 503) else None
+        return _fail(rec, Err.HTTP_4XX if code >= 400 else Err.PROTOCOL_ERROR, message)
+
+    def _parse_completion(self, rec: CallRecord, body: bytes, response: httpx.Response) -> None:
+        ctype = response.headers.get("content-type", "")
+        envelope = not rec.stream
+        if rec.stream and "json" in ctype:
+            # The docs say streams are plain text; a JSON envelope here is an error report
+            # or a host ignoring stream=true. Anything else stays raw text.
+            with contextlib.suppress(ValueError):
+                obj = json.loads(body)
+                envelope = isinstance(obj, dict) and "data" in obj and "status" in obj
+        if envelope:
+            obj = _load_json(rec, body)
+            if obj is None:
+                return
+            try:
+                text, rec.configs_echo = _unwrap(obj)
+            except ValueError as e:
+                return _fail(rec, Err.BAD_ENVELOPE, str(e))
+            try:
+                size = len(text.encode("utf-8"))  # lone surrogates from \ud800 escapes fail
+            except UnicodeEncodeError as e:
+                return _fail(rec, Err.INVALID_UTF8, f"answer is not valid Unicode: {e}")
+            if size > self.timeouts.max_bytes:
+                return _fail(rec, Err.OVERSIZED, f"answer of {size} bytes is over "
+                             f"{self.timeouts.max_bytes}")
+        else:
+            text = _decode(rec, body)
+        rec.text = text
+
+
+# --------------------------------------------------------------------- helpers
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for m in messages:
+        if not (isinstance(m, dict) and set(m) == {"role", "content"}
+                and m["role"] in ROLES and isinstance(m["content"], str)):
+            raise ValueError(f"each message needs exactly role in {ROLES} and string content, "
+                             f"got {m!r}")
+
+
+async def _read_capped(response: httpx.Response, cap: int, rec: CallRecord) -> tuple[bytes, bool]:
+    """The body as bytes (content-decoded, never re-split or re-joined by lines); stops
+    as soon as it passes `cap`. Returns (bytes read, passed the cap)."""
+    parts: list[bytes] = []
+    # aclosing: a generator left open after `break` would be finalised by a stray task.
+    async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+            rec.bytes += len(chunk)
+            if rec.bytes > cap:
+                return b"".join(parts), True
+    return b"".join(parts), False
+
+
+def _decode(rec: CallRecord, body: bytes) -> str | None:
+    try:
+        return body.decode("utf-8")  # strict: a host's bad bytes are evidence, not noise
+    except UnicodeDecodeError as e:
+        return _fail(rec, Err.INVALID_UTF8, f"body is not UTF-8: {e}")
+
+
+def _load_json(rec: CallRecord, body: bytes) -> Any:
+    text = _decode(rec, body)
+    if text is None:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return _fail(rec, Err.MALFORMED_JSON, f"{e}; body starts {text[:120]!r}")
+    if not isinstance(obj, dict):
+        return _fail(rec, Err.BAD_ENVELOPE, f"body is JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _unwrap(obj: dict) -> tuple[str, dict | None]:
+    """(answer, configs echo) of a completion envelope; ValueError says what is wrong."""
+    status, errors = obj.get("status", "success"), obj.get("errors") or []
+    if status != "success" or errors:
+        raise ValueError(f"status={status!r} errors={errors!r} "
+                         f"error_description={obj.get('error_description', '')!r}")
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("envelope has no `data` object")
+    if data.get("is_success") is False:
+        raise ValueError("data.is_success is false")
+    task = data.get("data")
+    if not isinstance(task, dict) or not isinstance(task.get("response"), str):
+        raise ValueError("data.data.response is missing or not a string")
+    if task.get("status", "COMPLETED") != "COMPLETED":
+        raise ValueError(f"data.data.status is {task['status']!r}, not 'COMPLETED'")
+    configs = data.get("configs", task.get("configs"))
+    return task["response"], configs if isinstance(configs, dict) else None
+
+
+def _error_detail(body: bytes) -> str:
+    """The server's own words: FastAPI `detail` (list or string), else the envelope's
+    error_description, else the start of the body."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(obj, dict):
+        detail = obj.get("detail")
+        if isinstance(detail, list):
+            return "; ".join(
+                f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', d)}"
+                if isinstance(d, dict) else str(d) for d in detail)
+        if detail is not None:
+            return str(detail)
+        if obj.get("error_description") or obj.get("errors"):
+            return f"{obj.get('error_description', '')} {obj.get('errors') or ''}".strip()
+    return text[:300]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in its seconds form; the HTTP-date form falls back to backoff."""
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
