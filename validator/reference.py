@@ -254,7 +254,7 @@ class ReferenceModel:
     # -- re-run ----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[list[int]], settings: Sequence[Settings],
-                 seeds: Sequence[int], batch_size: int = 16) -> list[list[int]]:
+                 seeds: Sequence[int], batch_size: int = 32) -> list[list[int]]:
         """Fixed-seed generation, one torch.Generator per probe, so a probe's re-run does
         not depend on which other probes shared its batch."""
         results: list[list[int]] = [[] for _ in prompts]
