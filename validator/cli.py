@@ -112,6 +112,30 @@ def calibrate(
     Console().print_json(json.dumps(result["tolerances"]))
 
 
+@app.command()
+def simulate(
+    network: Path = typer.Option(Path("configs/network.demo.yaml"), "--network",
+                                 help="Network YAML: hosts, their strategies, credentials, gateway."),
+    lazy: bool = typer.Option(False, "--lazy", help="Load models on first request, not before serving."),
+):
+    """Serve a simulated network of hosts on loopback until interrupted.
+
+    Prints one line per host, `NAME URL STRATEGY`, once every port is listening."""
+    from .simulator import NetworkConfig, SimulatedNetwork
+
+    try:
+        net = SimulatedNetwork(NetworkConfig.load(network))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--network") from None
+    if not lazy:
+        with err.status("loading models"):
+            net.load()
+    net.bind()
+    for name, url, strategy in net.describe():
+        print(name, url, strategy, flush=True)
+    net.serve_forever()
+
+
 @app.command("models")
 def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry.")):
     """List the model registry."""

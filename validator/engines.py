@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -171,6 +172,56 @@ def answer_records(engine: Engine, probes: Sequence[tuple[object, Settings]], ho
             for i, ((p, s), a) in enumerate(zip(probes, answers))]
 
 
+def requantise(model, bits: int = 4, group: int = 32) -> None:
+    """Round every decoder weight matrix to `bits`-bit symmetric integers in groups of
+    `group` (round-to-nearest, what a lazy re-quantisation does), in place."""
+    import torch
+
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight
+                    g = w.reshape(-1, group)
+                    scale = g.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
+                    w.copy_((torch.round(g / scale).clamp(-levels, levels) * scale).reshape(w.shape))
+
+
+ENGINES = ("fp32", "bf16", "llama.cpp", "other", "minus-layers", "requantised")
+_shared: dict[tuple, Engine] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_engine(registry, model: str, name: str, other_model: str = "gemma-3-270m") -> Engine:
+    """Engines by (model, name), loaded once per process and shared by everything that
+    answers as a host (tests, examples, the simulated network)."""
+    key = (str(registry.path), model, name, other_model if name == "other" else None)
+    with _shared_lock:
+        if key in _shared:
+            return _shared[key]
+    spec = registry.get(model)
+    if name == "fp32":
+        e: Engine = TransformersEngine(spec, "float32")
+    elif name == "bf16":
+        e = TransformersEngine(spec, "bfloat16")
+    elif name == "llama.cpp":
+        e = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
+    elif name == "other":
+        other = registry.get(other_model)
+        e = LlamaCppEngine(other.gguf_path(), chat_template=other.chat_template, name=other.name)
+    elif name == "minus-layers":
+        layers = shared_engine(registry, model, "fp32").model.config.num_hidden_layers
+        e = TransformersEngine(spec, "float32", drop_layers=range(layers // 2, layers // 2 + 4))
+    elif name == "requantised":
+        e = TransformersEngine(spec, "float32", name="transformers-requantised-q4")
+        requantise(e.model, bits=4)
+    else:
+        raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    with _shared_lock:
+        return _shared.setdefault(key, e)
+
+
 # -- hosts, honest and not: what calibration, the tests, the examples and benchmarks run --
 class HostFactory:
     """Builds the answers of named host behaviours for a model, sharing loaded engines."""
@@ -186,28 +237,11 @@ class HostFactory:
         self.spec = registry.get(model)
         self.other_model = other_model
         self.seed = seed
-        self._engines: dict[str, Engine] = {}
         self._memo: dict[tuple, list[dict]] = {}
 
     def engine(self, name: str) -> Engine:
-        if name not in self._engines:
-            spec = self.spec
-            if name == "fp32":
-                e = TransformersEngine(spec, "float32")
-            elif name == "bf16":
-                e = TransformersEngine(spec, "bfloat16")
-            elif name == "llama.cpp":
-                e = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
-            elif name == "other":
-                other = self.registry.get(self.other_model)
-                e = LlamaCppEngine(other.gguf_path(), chat_template=other.chat_template, name=other.name)
-            elif name == "minus-layers":
-                layers = self.engine("fp32").model.config.num_hidden_layers
-                e = TransformersEngine(spec, "float32", drop_layers=range(layers // 2, layers // 2 + 4))
-            else:
-                raise KeyError(name)
-            self._engines[name] = e
-        return self._engines[name]
+        """A named engine for this factory's model (see ENGINES), loaded once per process."""
+        return shared_engine(self.registry, self.model, name, other_model=self.other_model)
 
     def records(self, host: str, probes: Sequence[tuple[object, Settings]]) -> list[dict]:
         """Answers of `host` (a name from HONEST or CHEATS) to the probes. Cheats that

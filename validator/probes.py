@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,4 +56,50 @@ def greedy_and_sampled(prompts: list[Prompt], mix: list[tuple[float, Settings]],
         out.append((p, draw_settings(greedy, rng)))
         s = draw_settings(sampled, rng)
         out.append((p, Settings(**{**s.__dict__, "seed": rng.randrange(2**31)})))
+    return out
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe as the daemon sends it. `configs` is exactly what goes on the wire (no
+    seed: the API has none, and a seed would mark the request as a probe); `seed` is
+    only for the validator's own re-run."""
+    id: str
+    round: int
+    host: str
+    index: int
+    prompt_id: str
+    messages: list[dict]
+    configs: dict
+    stream: bool
+    seed: int
+
+    @property
+    def wire_settings(self) -> Settings:
+        """The settings as sent (no seed)."""
+        return Settings.from_configs(self.configs)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def derive_probes(secret: str, round_no: int, host: str, bank: list[Prompt],
+                  mix: list[tuple[float, Settings]], count: int) -> list[Probe]:
+    """The probes of (secret, round, host): reproducible by whoever holds the secret,
+    unpredictable to hosts (HMAC-SHA256 keys the draw), distinct prompts within a round."""
+    if not secret:
+        raise ValueError("a validator secret is required to derive probes")
+    if count < 1 or count > len(bank):
+        raise ValueError(f"count must be between 1 and the bank's {len(bank)} prompts")
+    digest = hmac.new(secret.encode(), f"probes\0{round_no}\0{host}".encode(), hashlib.sha256)
+    rng = random.Random(digest.digest())
+    out = []
+    for index, prompt in enumerate(rng.sample(bank, count)):
+        settings = draw_settings(mix, rng)
+        seed = rng.randrange(2**31)
+        configs = {k: v for k, v in settings.as_configs().items() if k != "seed"}
+        probe_id = hmac.new(secret.encode(), f"id\0{round_no}\0{host}\0{index}".encode(),
+                            hashlib.sha256).hexdigest()[:16]
+        out.append(Probe(probe_id, round_no, host, index, prompt.id, prompt.messages, configs,
+                         stream=rng.random() < 0.5, seed=seed))
     return out
