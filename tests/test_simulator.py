@@ -283,17 +283,16 @@ def test_no_sockets_or_tasks_leak(tmp_path):
 
 # ------------------------------------------------------------------ hosts with models
 
-# bfloat16 transformers is left out here only to save time: test_detection scores 80 of
-# its answers. Every other strategy with a model is here.
+# The honest hosts (transformers, llama.cpp) and the other-model and replayed cheats are
+# audited through the daemon in tests/test_demo.py; the other cheats are audited here.
 MODEL_HOSTS = {  # name -> strategy, options
-    "honest-transformers": ("honest-transformers", {"dtype": "float32"}),
-    "honest-llama-cpp": ("honest-llama.cpp", {}),
-    "cheat-other-model": ("other-model", {}),
+    "honest-transformers-bf16": ("honest-transformers", {"dtype": "bfloat16"}),
     "cheat-layers-removed": ("layers-removed", {}),
     "cheat-requantised": ("requantised", {}),
     "cheat-settings-ignored": ("settings-ignored", {}),
     "cheat-truncated": ("truncated", {}),
-    "cheat-replayed": ("replayed", {}),
+    "cheat-hotter": ("hotter", {}),
+    "cheat-greedy-when-sampling": ("greedy-when-sampling", {}),
 }
 PROBES_PER_HOST = 10
 
@@ -308,14 +307,15 @@ def model_network(registry, hosts):  # `hosts` loads the engines the simulator w
 
 
 def test_stream_and_plain_answers_are_the_same_text(model_network):
-    """One honest greedy host, both stream modes, prompts whose answers hold blank lines."""
+    """One honest greedy host (transformers, bfloat16), both stream modes, prompts whose
+    answers hold blank lines."""
     prompts = ["Write two short paragraphs about the sea, separated by a blank line.",
                "List three fruits as a bulleted list, then add one sentence after a blank line.",
                "Give a short poem of two stanzas."]
     settings = Settings(temperature=0.0, top_k=50, top_p=0.5, max_tokens=96)
 
     async def main():
-        async with FlexstackClient(model_network.urls["honest-transformers"], token="t") as c:
+        async with FlexstackClient(model_network.urls["honest-transformers-bf16"], token="t") as c:
             out = []
             for p in prompts:
                 msgs = [{"role": "user", "content": p}]

@@ -136,6 +136,442 @@ def simulate(
     net.serve_forever()
 
 
+# ------------------------------------------------------------------ the service (daemon, store)
+
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+hosts_app = typer.Typer(help="Hosts: list, show, add, remove, disable, enable, release.",
+                        no_args_is_help=True)
+probes_app = typer.Typer(help="Probe sets.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(hosts_app, name="hosts")
+app.add_typer(probes_app, name="probes")
+
+CONFIG = typer.Option(None, "--config", "-c", help="Validator config (default configs/validator.yaml).")
+DB = typer.Option(None, "--db", help="Database file or SQLAlchemy URL (default: the config's).")
+STATE_COLOURS = {"new": "cyan", "trusted": "green", "probation": "yellow", "flagged": "red",
+                 "disabled": "dim"}
+
+
+def _config(config: Optional[Path]):
+    from .config import ValidatorConfig
+
+    try:
+        return ValidatorConfig.load(config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+
+
+def _db_url(config: Optional[Path], db: Optional[str]) -> str:
+    if db:
+        return db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
+    return _config(config).database_url
+
+
+def _open_store(config: Optional[Path], db: Optional[str], *, create: bool = False):
+    """The store, migrated to head. Reading a SQLite file that does not exist is an error
+    (a typo must not silently show an empty network)."""
+    from .store import Store, upgrade
+
+    url = _db_url(config, db)
+    if url.startswith("sqlite:///") and not create and not Path(url[len("sqlite:///"):]).exists():
+        err.print(f"[red]no database at {url[len('sqlite:///'):]}[/] (run `validator db upgrade` "
+                  "or `validator run` first, or pass --db)")
+        raise typer.Exit(2)
+    upgrade(url)
+    return Store(url)
+
+
+def _when(t) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def host_rows(store) -> list[dict]:
+    """`validator hosts list --json` objects (also what `validator demo --json` prints)."""
+    stats = store.host_stats()
+    out = []
+    for h in store.list_hosts():
+        st = stats.get(h["name"], {})
+        out.append({"host": h["name"], "state": h["state"], "score": h["score"],
+                    "probes": st.get("answered", 0),  # sent and recorded, answered or not
+                    "errors": st.get("failed", 0), "scored": st.get("scored", 0),
+                    "url": h["url"], "model": h["model"],
+                    "last_seen": h["last_seen"].isoformat() if h["last_seen"] else None,
+                    "flagged_since": h["flagged_since"].isoformat() if h["flagged_since"] else None})
+    return out
+
+
+def print_hosts(rows: list[dict], reasons: dict[str, str] | None = None) -> None:
+    table = Table()
+    for col in ("host", "state", "score", "probes", "errors", "scored", "last answer", "flagged since"):
+        table.add_column(col, justify="right" if col in ("score", "probes", "errors", "scored") else "left")
+    if reasons is not None:
+        table.add_column("why", overflow="fold", max_width=70)
+    for r in rows:
+        cells = [r["host"], f"[{STATE_COLOURS[r['state']]}]{r['state']}[/]",
+                 "-" if r["score"] is None else f"{r['score']:.2f}", str(r["probes"]),
+                 str(r["errors"]), str(r["scored"]), (r["last_seen"] or "-")[:19].replace("T", " "),
+                 (r["flagged_since"] or "-")[:19].replace("T", " ")]
+        if reasons is not None:
+            cells.append(reasons.get(r["host"], ""))
+        table.add_row(*cells)
+    # Piped output gets a wide console: reasons are long and wrapping them into a narrow
+    # table helps nobody.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Create or migrate the database to the current schema (a no-op when current)."""
+    from .store import upgrade
+
+    url = _db_url(config, db)
+    upgrade(url)
+    err.print(f"database at head: {url}")
+
+
+@hosts_app.command("list")
+def hosts_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
+               as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
+    """Every host: state, score, probes, last seen, flagged since."""
+    store = _open_store(config, db)
+    rows = host_rows(store)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_hosts(rows)
+
+
+@hosts_app.command("show")
+def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB,
+               recent: int = typer.Option(10, help="How many recent answers to show.")):
+    """One host: standing, state history with its evidence, recent verdicts with reasons."""
+    store = _open_store(config, db)
+    h = store.get_host(host)
+    if h is None:
+        err.print(f"[red]no host named {host!r}[/]")
+        raise typer.Exit(2)
+    console = Console()
+    score = "-" if h["score"] is None else f"{h['score']:.3f}"
+    console.print(f"[bold]{h['name']}[/]  {h['url']}  model {h['model']}  "
+                  f"state [{STATE_COLOURS[h['state']]}]{h['state']}[/]  score {score}  "
+                  f"last seen {_when(h['last_seen'])}" + ("  (removed)" if h["removed_at"] else ""))
+    history = Table(title="state history")
+    for col in ("at", "change", "score", "reason"):
+        history.add_column(col, overflow="fold")
+    for e in store.reputation_events(host):
+        history.add_row(_when(e["at"]), f"{e['state_from']} -> {e['state_to']}",
+                        "-" if e["score"] is None else f"{e['score']:.2f}", e["reason"])
+    console.print(history)
+    answers = Table(title=f"last {recent} answers")
+    for col in ("probe", "round", "finished", "result", "p-value", "why"):
+        answers.add_column(col, overflow="fold")
+    for r in store.host_scores(host, limit=recent):
+        d, sc = r["dispatch"], r["score"]
+        if not d["ok"]:
+            result, p, why = f"[red]{d['error']}[/]", "-", d["detail"][:160]
+        elif sc is None:
+            result, p, why = "unscored", "-", ""
+        else:
+            colour = {"pass": "green", "fail": "red"}.get(sc["verdict"], "yellow")
+            result = f"[{colour}]{sc['verdict']}[/]"
+            p = "-" if sc["p_value"] is None else f"{sc['p_value']:.2g}"
+            why = "; ".join(sc["reasons"][:2])
+        answers.add_row(r["probe"]["id"], str(r["probe"]["round"]), _when(d["finished_at"]), result, p, why)
+    console.print(answers)
+    feedback = store.feedback_for(host)
+    if feedback:
+        console.print("feedback: " + "; ".join(f"{f['rating']:g} ({f['note']})" for f in feedback[:5]))
+
+
+@hosts_app.command("add")
+def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry name of the model it claims."),
+              token_env: Optional[str] = typer.Option(None, help="Environment variable with its bearer token."),
+              config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Add a host (or bring back a removed one with its history)."""
+    store = _open_store(config, db, create=True)
+    try:
+        store.add_host(name, url, model, token_env=token_env)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    err.print(f"added {name} ({url}, {model})")
+
+
+@hosts_app.command("remove")
+def hosts_remove(name: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Stop probing a host and hide it from lists; its history stays."""
+    store = _open_store(config, db)
+    try:
+        store.remove_host(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    err.print(f"removed {name}")
+
+
+def _admin(name: str, verb: str, note: str, config, db) -> None:
+    from datetime import datetime, timezone
+
+    from . import reputation
+
+    store = _open_store(config, db)
+    h = store.get_host(name)
+    if h is None:
+        raise typer.BadParameter(f"no host named {name!r}")
+    try:
+        t = getattr(reputation, verb)(h["state"], at=datetime.now(timezone.utc),
+                                      by=os.environ.get("USER", "admin"), note=note)
+    except reputation.InvalidTransition as exc:
+        raise typer.BadParameter(str(exc)) from None
+    store.set_state(name, t.state_to, evidence=t.evidence, reason=t.reason)
+    err.print(f"{name}: {t.state_from} -> {t.state_to}")
+
+
+@hosts_app.command("disable")
+def hosts_disable(name: str, note: str = typer.Option("", help="Why (stored with the change)."),
+                  config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Stop probing a host and zero its score until `enable`."""
+    _admin(name, "disable", note, config, db)
+
+
+@hosts_app.command("enable")
+def hosts_enable(name: str, note: str = typer.Option(""), config: Optional[Path] = CONFIG,
+                 db: Optional[str] = DB):
+    """Undo `disable` (the host starts again as new)."""
+    _admin(name, "enable", note, config, db)
+
+
+@hosts_app.command("release")
+def hosts_release(name: str, note: str = typer.Option(""), config: Optional[Path] = CONFIG,
+                  db: Optional[str] = DB):
+    """Move a flagged host to probation: trusted again only after clean probes."""
+    _admin(name, "release", note, config, db)
+
+
+@app.command()
+def feedback(probe_id: str, rating: float = typer.Option(..., help="1 (bad) to 5 (good)."),
+             note: str = typer.Option("", help="What the reviewer saw."),
+             config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Record a person's rating of one answer; it is folded into the host's score."""
+    from .daemon import refresh_reputation
+    from .reputation import ReputationConfig
+
+    if not 1 <= rating <= 5:
+        raise typer.BadParameter("rating must be between 1 and 5", param_hint="--rating")
+    store = _open_store(config, db)
+    probe = store.probe(probe_id)
+    if probe is None:
+        raise typer.BadParameter(f"no probe {probe_id!r}")
+    store.add_feedback(probe_id, rating, note)
+    refresh_reputation(store, probe["host"], ReputationConfig.from_dict(_config(config).reputation))
+    h = store.get_host(probe["host"])
+    err.print(f"feedback stored for {probe['host']}; score now "
+              f"{'-' if h['score'] is None else format(h['score'], '.3f')}")
+
+
+@app.command()
+def export(fmt: str = typer.Option("json", "--format", help="csv or json."),
+           out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: stdout)."),
+           config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Every recorded answer with its timings, verdict, p-value and reasons."""
+    import csv
+    import io
+
+    if fmt not in ("csv", "json"):
+        raise typer.BadParameter("csv or json", param_hint="--format")
+    store = _open_store(config, db)
+    rows = store.export_rows()
+    if fmt == "json":
+        text = json.dumps(rows, indent=1, default=str) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["probe_id"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+        text = buf.getvalue()
+    if out:
+        out.write_text(text)
+        err.print(f"wrote {len(rows)} answers to {out}")
+    else:
+        sys.stdout.write(text)
+
+
+@probes_app.command("show")
+def probes_show(round_no: int = typer.Option(..., "--round", help="Round number."),
+                host: str = typer.Option(..., "--host", help="Host name."),
+                config: Optional[Path] = CONFIG,
+                as_json: bool = typer.Option(False, "--json")):
+    """The probes a host gets in a round (derived from the secret: reproducible here,
+    unpredictable to hosts)."""
+    from .probes import derive_probes, load_bank, load_mix
+
+    cfg = _config(config)
+    try:
+        probes = derive_probes(cfg.probe_secret(), round_no, host, load_bank(cfg.prompts),
+                               load_mix(cfg.settings_mix), cfg.rounds.probes_per_host)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if as_json:
+        print(json.dumps([p.as_dict() for p in probes], indent=2))
+        return
+    console = Console()
+    for p in probes:
+        c = p.configs
+        console.print(f"[bold]{p.id}[/] #{p.index} prompt {p.prompt_id} "
+                      f"{'stream' if p.stream else 'plain'} T={c['temperature']} top_k={c['top_k']} "
+                      f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {p.seed})")
+        for m in p.messages:
+            console.print(f"  [dim]{m['role']}:[/] {m['content']}", highlight=False)
+
+
+@app.command()
+def run(config: Optional[Path] = CONFIG,
+        rounds: Optional[int] = typer.Option(None, help="Stop after this many rounds (default: run until SIGTERM)."),
+        instance: Optional[str] = typer.Option(None, help="Instance name in leases (overrides the config).")):
+    """The daemon: probe rounds, scoring and reputation until SIGTERM/SIGINT (drains first)."""
+    import asyncio
+
+    from .daemon import Daemon
+
+    cfg = _config(config)
+    if instance:
+        cfg.instance = instance
+    logging.getLogger("validator").setLevel(logging.INFO)
+    try:
+        daemon = Daemon(cfg, on_event=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}",
+                                                          highlight=False))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    progress = asyncio.run(daemon.run(max_rounds=rounds))
+    err.print(f"stopped: {progress.rounds} rounds, {progress.sent} probes sent, "
+              f"{progress.answered} answered, {progress.scored} scored")
+
+
+@app.command()
+def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
+           as_json: bool = typer.Option(False, "--json")):
+    """Liveness (validators holding leases, last activity), queue depth, last round."""
+    store = _open_store(config, db)
+    st = store.status()
+    from datetime import datetime, timezone
+
+    from .daemon import HEARTBEAT_S
+
+    now = datetime.now(timezone.utc)
+    validators = []
+    for v in store.validators():
+        held = next((x for x in st["validators"] if x["owner"] == v["name"]), None)
+        age = (now - v["heartbeat_at"]).total_seconds()
+        state = "stopped" if v["stopped_at"] else ("alive" if age < 3 * HEARTBEAT_S else "silent")
+        validators.append({**v, "state": state, "heartbeat_age_s": round(age, 1),
+                           "leases": held["leases"] if held else 0})
+    st["validators"] = validators
+    if as_json:
+        print(json.dumps(st, indent=2, default=str))
+        return
+    console = Console()
+    console.print(f"last round: {st['last_round']}   queue (answers awaiting scoring): {st['queue_depth']}")
+    console.print(f"last answer: {_when(st['last_answer_at'])}   last score: {_when(st['last_score_at'])}")
+    console.print("hosts: " + (", ".join(f"{n} {s}" for s, n in sorted(st["hosts_by_state"].items()))
+                               or "none"))
+    colours = {"alive": "green", "stopped": "dim", "silent": "red"}
+    for v in validators:
+        console.print(f"validator {v['name']} ({v['hostname']} pid {v['pid']}): "
+                      f"[{colours[v['state']]}]{v['state']}[/], last heartbeat {v['heartbeat_age_s']:.0f} s ago, "
+                      f"{v['leases']} live leases")
+    if not validators:
+        console.print("no validator has run against this database")
+
+
+def host_reasons(store) -> dict[str, str]:
+    """Why each host stands where it does: its last state change, else its answers so far."""
+    from collections import Counter
+
+    out = {}
+    for h in store.list_hosts():
+        events = store.reputation_events(h["name"], limit=1)
+        if events and events[0]["reason"]:
+            out[h["name"]] = events[0]["reason"]
+            continue
+        rows = store.host_scores(h["name"])
+        errors = Counter(r["dispatch"]["error"] for r in rows if not r["dispatch"]["ok"])
+        verdicts = Counter(r["score"]["verdict"] for r in rows if r["score"])
+        parts = [f"{n} {v}" for v, n in verdicts.most_common()]
+        parts += [f"{n} x {e}" for e, n in errors.most_common()]
+        out[h["name"]] = ", ".join(parts) or "no answers yet"
+    return out
+
+
+@app.command()
+def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings."),
+         rounds: Optional[int] = typer.Option(None, help="Rounds to run (default: the config's)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the final host list as JSON "
+                                      "(as `validator hosts list --json` does) instead of the table.")):
+    """Simulated hosts on loopback, refereed by the real daemon for a few rounds."""
+    import asyncio
+
+    import yaml
+    from rich.progress import SpinnerColumn
+
+    from .config import HostEntry, ValidatorConfig
+    from .daemon import Daemon
+    from .registry import REPO_ROOT
+    from .simulator import NetworkConfig, SimulatedNetwork
+    from .store import Store
+
+    path = config if config.exists() or config.is_absolute() else REPO_ROOT / config
+    raw = yaml.safe_load(path.read_text())
+    network = NetworkConfig.load(raw["network"])
+    n_rounds = rounds or int(raw.get("rounds", 3))
+    db = Path(raw.get("database", "demo.db")).expanduser().resolve()
+    for suffix in ("", "-wal", "-shm"):  # a demo starts from nothing
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is the point
+
+    net = SimulatedNetwork(network)
+    t0 = time.perf_counter()
+    with err.status("loading the hosts' models and the reference"):
+        net.load()
+    net.start()
+    try:
+        cfg = ValidatorConfig.model_validate({**raw.get("validator", {}), "database": str(db), "hosts": [
+            HostEntry(name=name, url=net.urls[name], model=strategy.model).model_dump()
+            for name, strategy in net.hosts.items()]})
+        events: list[str] = []
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                      disable=not err.is_terminal) as bar:
+            daemon = Daemon(cfg, on_event=lambda m: (events.append(m), bar.console.print(m, highlight=False)))
+            expected = len(cfg.hosts) * cfg.rounds.probes_per_host * n_rounds
+            sent = bar.add_task("probes answered", total=expected)
+            scored = bar.add_task("answers scored ", total=None)
+
+            async def main():
+                async def report():
+                    while not daemon.stopping.is_set():
+                        p = daemon.progress
+                        bar.update(sent, completed=p.sent)
+                        bar.update(scored, completed=p.scored, total=max(p.answered, 1))
+                        await asyncio.sleep(0.3)
+                reporter = asyncio.create_task(report())
+                try:
+                    return await daemon.run(max_rounds=n_rounds)
+                finally:
+                    reporter.cancel()
+
+            progress = asyncio.run(main())
+    finally:
+        net.stop()
+    store = Store(f"sqlite:///{db}")
+    rows = host_rows(store)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_hosts(rows, host_reasons(store))
+    err.print(f"{n_rounds} rounds, {progress.sent} probes, {progress.scored} answers scored in "
+              f"{time.perf_counter() - t0:.0f} s. The database is {db}:\n"
+              f"  validator hosts list --db {db}\n  validator hosts show cheat-other-model --db {db}")
+
+
 @app.command("models")
 def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry.")):
     """List the model registry."""

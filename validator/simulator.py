@@ -654,6 +654,9 @@ class SimulatedNetwork:
 
     def stop(self) -> None:
         if self._server is not None:
+            # Requests still queued for a model (their clients long gone) are cancelled at
+            # shutdown; uvicorn would log each as an application error.
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

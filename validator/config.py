@@ -1,0 +1,98 @@
+"""The validator's own configuration (configs/validator.yaml), checked by pydantic so a
+typo is an error at start, not a silent default months later."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .client import Timeouts
+from .registry import REPO_ROOT
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "validator.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoundsConfig(_Strict):
+    interval_s: float = Field(900, gt=0)  # a round every interval; round number = time // interval
+    jitter_s: float = Field(60, ge=0)  # each round starts up to this late (APScheduler jitter)
+    spread_s: float = Field(120, ge=0)  # hosts within a round start at random offsets up to this
+    probes_per_host: int = Field(4, ge=1)
+    concurrency: int = Field(32, ge=1)  # probes in flight at once, over all hosts
+    claim_batch: int = Field(50, ge=1)  # hosts claimed per database round trip
+    lease_s: float = Field(1800, gt=0)  # a host's round returns to the pool after this
+
+
+class ScoringConfig(_Strict):
+    interval_s: float = Field(10, gt=0)
+    batch: int = Field(64, ge=1)  # answers scored together (across hosts)
+    lease_s: float = Field(900, gt=0)
+    rerun: bool = False  # also re-run each probe for similarity metrics (costs a generation)
+
+
+class ClientConfig(_Strict):
+    connect_s: float = Field(5, gt=0)
+    first_byte_s: float = Field(60, gt=0)
+    total_s: float = Field(180, gt=0)
+    max_bytes: int = Field(1 << 20, ge=1)
+    retries: int = Field(2, ge=0)
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.connect_s, first_byte=self.first_byte_s, total=self.total_s,
+                        max_bytes=self.max_bytes, retries=self.retries)
+
+
+class HostEntry(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    url: str
+    model: str
+    token_env: str | None = None
+
+
+class ValidatorConfig(_Strict):
+    database: str = "validator.db"  # a file path (SQLite) or a SQLAlchemy URL
+    instance: str | None = None  # this validator's name in leases; default host-pid
+    secret: str | None = None  # probe derivation key; prefer secret_env
+    secret_env: str = "VALIDATOR_SECRET"
+    prompts: str = "configs/prompts/general.yaml"
+    settings_mix: str = "default"
+    models: str | None = None  # model registry file
+    rounds: RoundsConfig = RoundsConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    client: ClientConfig = ClientConfig()
+    reputation: dict = Field(default_factory=dict)  # validator.reputation.ReputationConfig keys
+    hosts: list[HostEntry] = Field(default_factory=list)  # added to the database at start
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "ValidatorConfig":
+        path = Path(path or DEFAULT_CONFIG)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+            config = cls.model_validate(raw)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read config {path}: {exc}") from exc
+        except ValidationError as exc:
+            raise ValueError(f"config {path}: {exc}") from exc
+        if "://" not in config.database:  # a file path: relative to where the command runs
+            config.database = str(Path(config.database).expanduser().resolve())
+        return config
+
+    @property
+    def database_url(self) -> str:
+        return self.database if "://" in self.database else f"sqlite:///{self.database}"
+
+    def instance_name(self) -> str:
+        return self.instance or f"{socket.gethostname()}-{os.getpid()}"
+
+    def probe_secret(self) -> str:
+        secret = self.secret or os.environ.get(self.secret_env)
+        if not secret:
+            raise ValueError(f"no probe secret: set {self.secret_env} or `secret:` in the config")
+        return secret

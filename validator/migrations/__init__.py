@@ -1,0 +1,1 @@
+"""Alembic migrations for validator.store (run them with validator.store.upgrade)."""

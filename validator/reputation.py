@@ -1,0 +1,453 @@
+"""A host's reputation: an honesty state, and one score, from its history of probes.
+
+Pure functions of their inputs (the host's state, its outcomes, its ratings, the
+config), so a restarted daemon recomputes exactly what it had. Storage and scheduling
+live elsewhere; this module only reads and returns values.
+
+Score
+-----
+    score = honesty(state) * (w_a * availability + w_l * latency + w_f * feedback)
+                           / (w_a + w_l + w_f)
+
+over the components that have data (a term with no data drops out of both sums; no
+data at all gives 0). Every component is in [0, 1], so the score is too. Defaults:
+w_a = 0.5, w_l = 0.25, w_f = 0.25 (the network's own weight for human feedback);
+without ratings the score is (0.5 * availability + 0.25 * latency) / 0.75.
+honesty(state) is 1 for `trusted`, 0.5 for `new` and `probation`, 0 for `flagged` and
+`disabled`.
+
+- availability: share of probes answered without a transport error (timeouts,
+  malformed bodies, 5xx ... as classed by validator.client), over the last `window`
+  probes, each weighted 2^(-age / half_life), age 0 for the newest probe.
+- latency: per answered probe, the mean of a time-to-first-byte term (1 at or below
+  `ttfb_target_s`, 0 at or above `ttfb_limit_s`, linear between) and a throughput term
+  (bytes / total_s: 1 at or above `throughput_target_bps`, 0 at or below
+  `throughput_limit_bps`, linear between); averaged with the same decay.
+- feedback: human ratings 1..5 mapped to (r - 1) / 4, decayed with
+  `feedback_half_life` (in ratings).
+
+Availability, latency and feedback move the score, never the honesty state.
+
+Honesty evidence (the `flagged` decision)
+-----------------------------------------
+Each scored probe's p-value p becomes an e-value e = min(cap, kappa * p^(kappa - 1))
+(kappa = 0.5, cap = 1000): for a p-value that is uniform or conservative, E[e] <= 1.
+The host's evidence after probe n is a mixture over the probe s at which cheating
+might have started,
+
+    R_n = sum_{s <= n} w_s * prod_{t = s..n} e_t,   w_s = 1 / (s (s + 1)),
+
+computed as R_n = (R_{n-1} + w_n) * e_n. Since the weights sum to 1, R_n is bounded by
+a nonnegative supermartingale with initial value 1 under honesty, and Ville's
+inequality gives P(R_n >= 1/alpha for some n, ever) <= alpha: the false-alarm bound
+holds for unlimited looks, whenever and however often the daemon calls `assess`, with
+no horizon to fix in advance (a month or a year of probing alike). We chose this over
+alpha-spending (which needs a planned horizon and spends the level on looks) and
+over a plain product martingale (which an honest history drives so low that a host
+turning to cheat after a month would take many probes to catch): the mixture pays
+only log(1/w_s) ~ 2 log s extra for a change at probe s, e.g. 4 probes at p = 1e-6 to
+flag a host that turns after 1000 honest probes. The cap bounds what one probe can do: with
+the defaults (cap 1000 < 1/(w_1 alpha) = 2e4) no single probe, however damning (p = 0),
+flags a host alone; at least two are needed.
+Assumption: each p-value is uniform or larger given the host's earlier probes.
+
+A host is flagged when R_n >= 1/alpha at any probe since its evidence window began.
+
+States
+------
+- new -> trusted: `trust_after` consecutive scored probes with verdict `pass`.
+- new, trusted, probation -> flagged: R_n >= 1/alpha (flagging wins over trusting).
+- flagged -> probation: only `release()` (an admin). The release restarts the
+  evidence: the caller passes the release's time as `since`, and only probes at or
+  after it count toward R_n and the clean runs.
+- probation -> trusted: `probation_clean` consecutive passing probes since the release;
+  -> flagged again on evidence.
+- any -> disabled: only `disable()`; disabled -> new: only `enable()` (the evidence
+  window is not restarted, so a host flagged before it was disabled is flagged again).
+  `assess` never leaves `disabled` or `flagged`.
+Transport errors and unscored probes neither count toward a clean run nor break it;
+`fail` and `inconclusive` verdicts break it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .evidence import HostRule
+
+STATES = ("new", "trusted", "probation", "flagged", "disabled")
+VERDICTS = ("pass", "fail", "inconclusive")  # scored: these carry a p-value
+UNSCORED = "error"  # the validator could not score the answer (its fault, not the host's)
+
+
+class InvalidTransition(ValueError):
+    """An admin call that the state machine does not allow from the current state."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class Outcome:
+    """One probe's result. A transport failure has `error` (a validator.client.Err
+    class) and no verdict; an answered probe not scored yet has neither, and one the
+    validator could not score has verdict "error" and no p-value: both are answered
+    (availability, latency) but carry no honesty evidence."""
+
+    probe_id: str
+    at: datetime
+    verdict: str | None = None
+    p_value: float | None = None
+    error: str | None = None
+    ttfb_s: float | None = None
+    total_s: float | None = None
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.verdict not in (*VERDICTS, UNSCORED, None):
+            raise ValueError(f"probe {self.probe_id}: verdict {self.verdict!r} is not one of "
+                             f"{(*VERDICTS, UNSCORED)}")
+        if (self.verdict in VERDICTS) != (self.p_value is not None):
+            raise ValueError(f"probe {self.probe_id}: a p-value comes with a verdict of {VERDICTS} "
+                             "and only with one")
+        if self.p_value is not None and not 0.0 <= self.p_value <= 1.0:
+            raise ValueError(f"probe {self.probe_id}: p_value {self.p_value} is not in [0, 1]")
+        if self.error is not None and self.verdict is not None:
+            raise ValueError(f"probe {self.probe_id}: a transport error ({self.error}) has no verdict")
+
+    @property
+    def answered(self) -> bool:
+        return self.error is None
+
+    @property
+    def scored(self) -> bool:
+        return self.p_value is not None
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    """Every knob, with its default. `from_dict` reads a YAML `reputation:` section."""
+
+    # honesty evidence
+    alpha: float = HostRule().alpha  # chance an honest host is ever flagged
+    kappa: float = 0.5  # calibrator e = kappa * p^(kappa - 1)
+    max_e_per_probe: float = 1000.0  # cap on one probe's e-value
+    trust_after: int = 10  # consecutive passing probes: new -> trusted
+    probation_clean: int = 20  # consecutive passing probes since release: probation -> trusted
+    # score
+    weight_availability: float = 0.5
+    weight_latency: float = 0.25
+    weight_feedback: float = 0.25
+    new_factor: float = 0.5  # honesty factor of a `new` host
+    probation_factor: float = 0.5  # honesty factor of a host on probation
+    half_life: float = 50.0  # probes, for availability and latency
+    window: int = 500  # most recent probes that availability and latency read
+    feedback_half_life: float = 20.0  # ratings
+    ttfb_target_s: float = 2.0
+    ttfb_limit_s: float = 30.0
+    throughput_target_bps: float = 100.0  # bytes per second over the whole call
+    throughput_limit_bps: float = 5.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"reputation: {what}")
+
+        need(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha}")
+        need(0.0 < self.kappa < 1.0, f"kappa must be in (0, 1), got {self.kappa}")
+        need(self.max_e_per_probe > 1.0, f"max_e_per_probe must be > 1, got {self.max_e_per_probe}")
+        for name in ("trust_after", "probation_clean", "window"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_availability", "weight_latency", "weight_feedback"):
+            need(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.weight_availability + self.weight_latency + self.weight_feedback > 0,
+             "the weights must not all be 0")
+        for name in ("new_factor", "probation_factor"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("half_life", "feedback_half_life"):
+            need(getattr(self, name) > 0.0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(0.0 <= self.ttfb_target_s < self.ttfb_limit_s,
+             f"need 0 <= ttfb_target_s < ttfb_limit_s, got {self.ttfb_target_s} and {self.ttfb_limit_s}")
+        need(0.0 <= self.throughput_limit_bps < self.throughput_target_bps,
+             "need 0 <= throughput_limit_bps < throughput_target_bps, "
+             f"got {self.throughput_limit_bps} and {self.throughput_target_bps}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ReputationConfig":
+        """Build from a mapping such as a YAML `reputation:` section (None: defaults).
+        Unknown keys and values of the wrong type raise ValueError naming them."""
+        d = dict(d or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"reputation: unknown key(s) {', '.join(unknown)}; "
+                             f"known keys: {', '.join(fields)}")
+        values = {}
+        for key, value in d.items():
+            integral = fields[key].type == "int"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    integral and not float(value).is_integer()):
+                raise ValueError(f"reputation: {key} must be {'an integer' if integral else 'a number'}, "
+                                 f"got {value!r}")
+            values[key] = int(value) if integral else float(value)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- outputs
+
+@dataclass(frozen=True)
+class Standing:
+    state: str
+    score: float
+    components: dict[str, float]  # honesty factor and each component that has data
+    evidence: dict[str, Any]  # JSON-ready: the honesty statistic and counts behind the state
+
+
+@dataclass(frozen=True)
+class Transition:
+    state_from: str
+    state_to: str
+    reason: str  # for a person
+    evidence: dict[str, Any]  # JSON-ready: what caused it
+    at: datetime | None  # the probe that caused it, or the admin's time
+
+    @property
+    def restarts_evidence(self) -> bool:
+        """True for a release: pass `at` as `since` to later `assess` calls."""
+        return self.state_from == "flagged" and self.state_to == "probation"
+
+
+# --------------------------------------------------------------------------- honesty evidence
+
+def log_e_values(p_values: np.ndarray, config: ReputationConfig) -> np.ndarray:
+    """log of each probe's e-value, min(cap, kappa * p^(kappa - 1)); any array shape."""
+    p = np.asarray(p_values, dtype=float)
+    with np.errstate(divide="ignore"):
+        log_e = math.log(config.kappa) + (config.kappa - 1.0) * np.log(p)
+    return np.minimum(log_e, math.log(config.max_e_per_probe))
+
+
+def log_evidence(log_e: np.ndarray) -> np.ndarray:
+    """log R_n after each probe n, along the last axis (leading axes: independent hosts).
+
+    R_n = sum_{s<=n} w_s prod_{t=s..n} e_t with w_s = 1/(s(s+1)); with C_n the cumulative
+    sum of log e, log R_n = C_n + logsumexp_{s<=n}(log w_s - C_{s-1})."""
+    log_e = np.asarray(log_e, dtype=float)
+    s = np.arange(1, log_e.shape[-1] + 1)
+    log_w = -np.log(s) - np.log1p(s)
+    cum = np.cumsum(log_e, axis=-1)
+    return cum + np.logaddexp.accumulate(log_w - (cum - log_e), axis=-1)
+
+
+def _onset(log_e: np.ndarray, n: int) -> int:
+    """The start s (0-based) whose term dominates R_n: where the evidence begins."""
+    s = np.arange(1, n + 1)
+    cum = np.cumsum(log_e[:n])
+    return int(np.argmax(-np.log(s) - np.log1p(s) - (cum - log_e[:n])))
+
+
+def _first_clean_run(scored: Sequence[Outcome], length: int) -> int | None:
+    """Index of the probe completing the first run of `length` consecutive passes."""
+    run = 0
+    for i, o in enumerate(scored):
+        run = run + 1 if o.verdict == "pass" else 0
+        if run >= length:
+            return i
+    return None
+
+
+def _fmt_e(log_e: float) -> str:
+    return f"{math.exp(log_e):.2g}" if log_e < 700 else f"10^{log_e / math.log(10):.0f}"
+
+
+@dataclass(frozen=True)
+class _Honesty:
+    scored: list[Outcome]  # scored probes in the evidence window, oldest first
+    log_e: np.ndarray  # per probe
+    log_r: np.ndarray  # log R_n per probe
+    threshold: float  # log(1/alpha)
+    crossing: int | None  # index of the first probe with log R_n >= threshold
+
+    def summary(self, since: datetime | None) -> dict[str, Any]:
+        run = 0
+        for o in reversed(self.scored):
+            if o.verdict != "pass":
+                break
+            run += 1
+        return {
+            "since": since.isoformat() if since else None,
+            "probes_scored": len(self.scored),
+            "verdicts": {v: sum(o.verdict == v for o in self.scored) for v in VERDICTS},
+            "log_e": float(self.log_r[-1]) if len(self.scored) else 0.0,
+            "log_e_max": float(self.log_r.max()) if len(self.scored) else 0.0,
+            "log_threshold": self.threshold,
+            "crossed_at_probe": self.scored[self.crossing].probe_id if self.crossing is not None else None,
+            "clean_streak": run,
+        }
+
+    def flag_evidence(self, alpha: float) -> tuple[str, dict[str, Any]]:
+        n = self.crossing + 1
+        start = _onset(self.log_e, n)
+        window = self.scored[start:n]
+        worst = sorted(window, key=lambda o: o.p_value)[:20]
+        fails = sum(o.verdict == "fail" for o in window)
+        log_r = float(self.log_r[self.crossing])
+        reason = (f"{len(window)} probe(s) from {window[0].probe_id} to {window[-1].probe_id} "
+                  f"({fails} failed, smallest p-value {worst[0].p_value:.1e} on {worst[0].probe_id}) "
+                  f"give evidence {_fmt_e(log_r)} against the host, at or above 1/alpha = "
+                  f"{1 / alpha:.0e}: an honest host gets this far with probability at most {alpha:.0e}")
+        return reason, {"alpha": alpha, "log_e": log_r, "log_threshold": self.threshold,
+                        "probes": len(window), "failed": fails, "first_probe": window[0].probe_id,
+                        "last_probe": window[-1].probe_id,
+                        "smallest_p_values": {o.probe_id: o.p_value for o in worst}}
+
+
+def _honesty(outcomes: Sequence[Outcome], since: datetime | None, config: ReputationConfig) -> _Honesty:
+    scored = [o for o in outcomes if o.scored and (since is None or o.at >= since)]
+    log_e = log_e_values(np.array([o.p_value for o in scored], dtype=float), config)
+    log_r = log_evidence(log_e)
+    threshold = math.log(1.0 / config.alpha)
+    hits = np.flatnonzero(log_r >= threshold)
+    return _Honesty(scored, log_e, log_r, threshold, int(hits[0]) if len(hits) else None)
+
+
+# --------------------------------------------------------------------------- components
+
+def _decayed_mean(values: Sequence[float | None], half_life: float) -> float | None:
+    """Mean of `values` (newest last), value i weighted 2^(-age/half_life); None entries
+    age the others but carry no weight. None when nothing has weight."""
+    total = weight = 0.0
+    for age, v in enumerate(reversed(values)):
+        if v is not None:
+            w = 2.0 ** (-age / half_life)
+            total += w * v
+            weight += w
+    return total / weight if weight > 0 else None
+
+
+def _ramp(x: float, zero_at: float, one_at: float) -> float:
+    """0 at `zero_at`, 1 at `one_at`, linear between, clipped."""
+    return min(1.0, max(0.0, (x - zero_at) / (one_at - zero_at)))
+
+
+def _latency(o: Outcome, config: ReputationConfig) -> float | None:
+    terms = []
+    if o.ttfb_s is not None:
+        terms.append(_ramp(o.ttfb_s, config.ttfb_limit_s, config.ttfb_target_s))
+    if o.total_s is not None and o.total_s > 0:
+        terms.append(_ramp(o.bytes / o.total_s, config.throughput_limit_bps, config.throughput_target_bps))
+    return sum(terms) / len(terms) if terms else None
+
+
+def components(outcomes: Sequence[Outcome], feedback: Sequence[float],
+               config: ReputationConfig) -> dict[str, float]:
+    """availability, latency and feedback, each in [0, 1]; a component without data is absent."""
+    recent = list(outcomes)[-config.window:]
+    for r in feedback:
+        if isinstance(r, bool) or not (isinstance(r, numbers.Real) and 1.0 <= r <= 5.0):
+            raise ValueError(f"feedback ratings are 1 to 5, got {r!r}")
+    found = {
+        "availability": _decayed_mean([float(o.answered) for o in recent], config.half_life),
+        "latency": _decayed_mean([_latency(o, config) if o.answered else None for o in recent],
+                                 config.half_life),
+        "feedback": _decayed_mean([(r - 1.0) / 4.0 for r in feedback], config.feedback_half_life),
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def honesty_factor(state: str, config: ReputationConfig) -> float:
+    return {"trusted": 1.0, "new": config.new_factor, "probation": config.probation_factor,
+            "flagged": 0.0, "disabled": 0.0}[state]
+
+
+def score(state: str, parts: Mapping[str, float], config: ReputationConfig) -> float:
+    """honesty(state) * weighted mean of the components present (0 when none is)."""
+    weights = {"availability": config.weight_availability, "latency": config.weight_latency,
+               "feedback": config.weight_feedback}
+    total = sum(weights[k] for k in parts)
+    if total == 0:
+        return 0.0
+    return honesty_factor(state, config) * sum(weights[k] * v for k, v in parts.items()) / total
+
+
+# --------------------------------------------------------------------------- assess
+
+def _check_state(state: str) -> None:
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+
+
+def assess(state: str, outcomes: Sequence[Outcome], feedback: Sequence[float] = (),
+           config: ReputationConfig = ReputationConfig(), *,
+           since: datetime | None = None) -> tuple[Standing, Transition | None]:
+    """The host's standing and the transition `state` takes, if any.
+
+    `outcomes`: the host's probes (sorted here by time, stably). `feedback`: its ratings,
+    newest last. `since`: start of the evidence window, the `at` of the host's last
+    release (required on probation); availability and latency read all outcomes."""
+    _check_state(state)
+    if state == "probation" and since is None:
+        raise ValueError("a host on probation needs `since`, the time of its release")
+    ordered = sorted(outcomes, key=lambda o: o.at)
+    honesty = _honesty(ordered, since, config)
+
+    transition = None
+    if state in ("new", "trusted", "probation") and honesty.crossing is not None:
+        reason, evidence = honesty.flag_evidence(config.alpha)
+        transition = Transition(state, "flagged", f"flagged: {reason}", evidence,
+                                honesty.scored[honesty.crossing].at)
+    elif state in ("new", "probation"):
+        needed = config.trust_after if state == "new" else config.probation_clean
+        done = _first_clean_run(honesty.scored, needed)
+        if done is not None:
+            run = honesty.scored[done - needed + 1:done + 1]
+            log_r = float(honesty.log_r[done])
+            transition = Transition(
+                state, "trusted",
+                f"trusted: {needed} consecutive probes passed ({run[0].probe_id} to {run[-1].probe_id})"
+                f"{' since release' if state == 'probation' else ''}, evidence against the host "
+                f"{_fmt_e(log_r)}, below 1/alpha = {1 / config.alpha:.0e}",
+                {"consecutive_passes": needed, "first_probe": run[0].probe_id,
+                 "last_probe": run[-1].probe_id, "log_e": log_r, "log_threshold": honesty.threshold},
+                run[-1].at)
+
+    new_state = transition.state_to if transition else state
+    parts = components(ordered, feedback, config)
+    standing = Standing(new_state, score(new_state, parts, config),
+                        {"honesty": honesty_factor(new_state, config), **parts},
+                        honesty.summary(since))
+    return standing, transition
+
+
+# --------------------------------------------------------------------------- admin
+
+def _admin(state: str, to: str, allowed: Sequence[str], verb: str, at: datetime, by: str,
+           note: str, reason: str) -> Transition:
+    _check_state(state)
+    if state not in allowed:
+        raise InvalidTransition(f"cannot {verb} a host that is {state} (only from {', '.join(allowed)})")
+    return Transition(state, to, f"{reason} by {by}" + (f": {note}" if note else ""),
+                      {"by": by, "note": note}, at)
+
+
+def release(state: str, *, at: datetime, by: str = "admin", note: str = "") -> Transition:
+    """flagged -> probation. Restarts the evidence: pass `at` as `since` from now on."""
+    return _admin(state, "probation", ("flagged",), "release", at, by, note,
+                  "released to probation, evidence restarted")
+
+
+def disable(state: str, *, at: datetime, by: str = "admin", note: str = "") -> Transition:
+    """any state but disabled -> disabled (sticky until `enable`)."""
+    return _admin(state, "disabled", [s for s in STATES if s != "disabled"], "disable", at, by, note,
+                  "disabled")
+
+
+def enable(state: str, *, at: datetime, by: str = "admin", note: str = "") -> Transition:
+    """disabled -> new. The evidence window is unchanged: old evidence still counts."""
+    return _admin(state, "new", ("disabled",), "enable", at, by, note, "enabled as new")
