@@ -1,5 +1,5 @@
 # Two commands do everything (README "Quick start"):
-#   make demo   set up, then run the main job on the embedded default model
+#   make demo   set up, then run `validator demo` (simulated hosts, the real daemon)
 #   make test   set up, then run the tests (what CI runs)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -23,7 +23,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/validator audit examples/records.jsonl --out examples/scored.jsonl --hosts-out examples/hosts.json
+	$(BIN)/validator demo
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
@@ -36,3 +36,5 @@ calibrate: setup
 
 bench: setup
 	$(BIN)/python benchmarks/audit_speed.py
+	$(BIN)/python benchmarks/client_throughput.py
+	$(BIN)/python benchmarks/daemon_overhead.py

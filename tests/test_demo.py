@@ -4,7 +4,6 @@ on loopback, SmolLM2 reference), then the admin CLI on the database it leaves.""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sqlite3
 from pathlib import Path
@@ -117,7 +116,10 @@ def test_feedback_moves_the_score(demo_db, tmp_path):
 def test_export_csv_and_json_agree(demo_db):
     db = str(demo_db[0])
     rows = json.loads(cli("export", "--format", "json", "--db", db).stdout)
-    table = list(csv.DictReader(io.StringIO(cli("export", "--format", "csv", "--db", db).stdout)))
+    out = Path(db).with_suffix(".csv")  # a file: CliRunner's stdout folds \r\n into \n
+    assert cli("export", "--format", "csv", "--db", db, "--out", str(out)).exit_code == 0
+    with out.open(newline="") as fh:
+        table = list(csv.DictReader(fh))
     assert len(rows) == len(table) == 6 * 8
     assert [r["probe_id"] for r in rows] == [r["probe_id"] for r in table]
     assert [r["text"] or "" for r in rows] == [r["text"] for r in table]  # answers survive exactly

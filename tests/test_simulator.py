@@ -283,17 +283,18 @@ def test_no_sockets_or_tasks_leak(tmp_path):
 
 # ------------------------------------------------------------------ hosts with models
 
-# The honest hosts (transformers, llama.cpp) and the other-model and replayed cheats are
-# audited through the daemon in tests/test_demo.py; the other cheats are audited here.
+# Audited through the daemon in tests/test_demo.py: the honest transformers and llama.cpp
+# hosts, the other-model and replayed cheats. tests/test_detection.py scores bfloat16
+# answers and the hotter and greedy-when-sampling cheats. The remaining cheats are here.
 MODEL_HOSTS = {  # name -> strategy, options
-    "honest-transformers-bf16": ("honest-transformers", {"dtype": "bfloat16"}),
     "cheat-layers-removed": ("layers-removed", {}),
     "cheat-requantised": ("requantised", {}),
     "cheat-settings-ignored": ("settings-ignored", {}),
     "cheat-truncated": ("truncated", {}),
-    "cheat-hotter": ("hotter", {}),
-    "cheat-greedy-when-sampling": ("greedy-when-sampling", {}),
 }
+# Models generate on a shared 2-core CPU here, one request at a time per engine.
+PATIENT = Timeouts(first_byte=600, total=900)
+AUDITED = [*MODEL_HOSTS, "honest-llama-cpp"]  # an honest control beside the cheats
 PROBES_PER_HOST = 10
 
 
@@ -301,21 +302,22 @@ PROBES_PER_HOST = 10
 def model_network(registry, hosts):  # `hosts` loads the engines the simulator will share
     cfg = NetworkConfig.model_validate({"model": MODEL, "hosts": [
         {"name": name, "strategy": strategy, **options}
-        for name, (strategy, options) in MODEL_HOSTS.items()]})
+        for name, (strategy, options) in MODEL_HOSTS.items()]
+        + [{"name": "honest-llama-cpp", "strategy": "honest-llama.cpp"}]})
     with SimulatedNetwork(cfg, registry) as net:
         yield net
 
 
 def test_stream_and_plain_answers_are_the_same_text(model_network):
-    """One honest greedy host (transformers, bfloat16), both stream modes, prompts whose
-    answers hold blank lines."""
+    """One honest greedy host (llama.cpp), both stream modes, prompts whose answers hold
+    blank lines."""
     prompts = ["Write two short paragraphs about the sea, separated by a blank line.",
                "List three fruits as a bulleted list, then add one sentence after a blank line.",
                "Give a short poem of two stanzas."]
     settings = Settings(temperature=0.0, top_k=50, top_p=0.5, max_tokens=96)
 
     async def main():
-        async with FlexstackClient(model_network.urls["honest-transformers-bf16"], token="t") as c:
+        async with FlexstackClient(model_network.urls["honest-llama-cpp"], token="t", timeouts=PATIENT) as c:
             out = []
             for p in prompts:
                 msgs = [{"role": "user", "content": p}]
@@ -324,7 +326,8 @@ def test_stream_and_plain_answers_are_the_same_text(model_network):
             return out
 
     pairs = asyncio.run(main())
-    assert all(plain.ok and streamed.ok for plain, streamed in pairs)
+    assert all(plain.ok and streamed.ok for plain, streamed in pairs), [
+        (r.error, r.detail) for pair in pairs for r in pair if not r.ok]
     assert [plain.text for plain, _ in pairs] == [streamed.text for _, streamed in pairs]
     assert any("\n\n" in plain.text for plain, _ in pairs), "no answer held a blank line"
 
@@ -338,7 +341,7 @@ def test_simulated_hosts_pass_or_fail_audit(model_network, registry, ref):
     async def main():
         async with httpx.AsyncClient(trust_env=False) as http:
             async def host_records(name):
-                client = FlexstackClient(model_network.urls[name], token="t", http=http)
+                client = FlexstackClient(model_network.urls[name], token="t", http=http, timeouts=PATIENT)
                 out = []
                 for i, (prompt, settings) in enumerate(probes):
                     rec = await client.complete(prompt.messages, settings, model=MODEL, stream=i % 2 == 1)
@@ -348,14 +351,14 @@ def test_simulated_hosts_pass_or_fail_audit(model_network, registry, ref):
                                 "response": rec.text})
                 return out
 
-            per_host = await asyncio.gather(*(host_records(n) for n in MODEL_HOSTS))
+            per_host = await asyncio.gather(*(host_records(n) for n in AUDITED))
             return [r for rs in per_host for r in rs]
 
     import json
     records = asyncio.run(main())
     lines, verdicts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref},
                                 rerun=False)
-    for name in MODEL_HOSTS:
+    for name in AUDITED:
         got = verdicts[name]
         assert got["records"] == PROBES_PER_HOST
         if name.startswith("honest"):

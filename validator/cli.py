@@ -389,7 +389,8 @@ def export(fmt: str = typer.Option("json", "--format", help="csv or json."),
             writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
         text = buf.getvalue()
     if out:
-        out.write_text(text)
+        with out.open("w", newline="") as fh:  # the csv module owns line endings (answers hold \r\n)
+            fh.write(text)
         err.print(f"wrote {len(rows)} answers to {out}")
     else:
         sys.stdout.write(text)

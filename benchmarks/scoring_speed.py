@@ -1,0 +1,305 @@
+"""Tokens per second of the aligned batched scorer against, in the same run, the three
+other ways to put a reference model over the same answers:
+
+  aligned   the real audit path without the re-run: `run_audit(..., rerun=False)` with
+            the reference model passed in (parse, prompt, alignment: one batched pass
+            plus one per real ambiguity, scoring with the support statistics of sampled
+            settings, the per-token metrics);
+  generate  (a) re-generating each answer with `ReferenceModel.generate` (batched,
+            KV cache, the probe's settings and re-run seed) for exactly as many tokens as
+            the answer has: end of sequence is switched off on a shallow copy of the
+            reference, so every answer gets its full length;
+  naive     (b) a token-by-token aligner: per answer, one forward per token with a KV
+            cache (the fair naive version; recomputing prompt + prefix every step would
+            only be slower); at each step, of the reference's tokens whose bytes start
+            the rest of the text it keeps the one the reference finds likeliest, so each
+            choice needs the model's output before the next step can run (a longest-match
+            choice would not need the model and could be one batched pass, i.e. path c);
+            it reduces each step to the token's log-prob only;
+  forward   (c) one plain batched forward pass over prompt + the canonical tokenisation
+            of each answer, packed by `ReferenceModel.step_features` under the scorer's
+            own batch budget and reduced to the answer's log-probs (greedy reduction, no
+            support statistics): the ceiling for any scorer.
+
+Tokens, the same for every path: answer tokens scored, that is the aligned token count
+of each answer (`metrics["tokens"]` of the aligned scorer, implied whitespace tokens
+included); prompt tokens are never counted. A path's tokens per second is the sum of
+that count over the answers it handled divided by its wall time. Both baselines (b)
+and (c) compute less per step than the scorer (no support statistics), so the ratios
+favour them.
+
+Forward passes per scored answer: rows the model's decoder ran for that answer (a row
+of a batched pass counts one), from a pre-hook on the decoder (`model.model`); for the
+aligned path it equals `metrics["alignment"]["forward_passes"]` averaged over answers.
+
+Input: benchmarks/results/audit_records.jsonl (200 answers to 50 probes by two honest
+engines and two cheats, written by real models with make_records.py), loaded once; the
+reference model (SmolLM2-135M, float32, CPU) is loaded once, outside the timings, and
+each path is warmed up on one answer first. Torch runs with `torch.set_num_threads(2)`
+(`--threads`). The default run times every path on every record; `--quick` (under a
+minute on 2 cores) times the scorer and the forward pass on every tenth record and the
+re-generation and the naive aligner on a few of those; tokens per second need no
+scaling, as every path's rate is measured on the answers it ran.
+
+    python benchmarks/scoring_speed.py            # all 200 records, about 10 minutes on 2 cores
+    python benchmarks/scoring_speed.py --quick    # under a minute
+
+Writes benchmarks/results/scoring_speed.json (--quick: scoring_speed.quick.json), prints
+the ratios and ends with one JSON line holding aligned_vs_forward and aligned_vs_generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from validator.audit import parse_line, probe_seed, run_audit  # noqa: E402
+from validator.reference import ReferenceModel  # noqa: E402
+from validator.registry import Registry  # noqa: E402
+from validator.sampling import Settings  # noqa: E402
+
+MODEL = "smollm2-135m"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class DecoderMeter:
+    """Counts the decoder's forward calls, rows and positions, and the time spent in it
+    (`model.model`: the transformer without its LM head) and in the scorer's batches
+    (`ReferenceModel._run_batch`: decoder, LM head, log-softmax and the reductions)."""
+
+    def __init__(self, ref: ReferenceModel):
+        self.calls = self.rows = self.positions = 0
+        self.seconds = self.batch_seconds = 0.0
+        self._t0 = 0.0
+        ref.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        ref.model.model.register_forward_hook(self._post)
+        inner = ref._run_batch
+
+        def run_batch(*args):
+            t0 = time.perf_counter()
+            inner(*args)
+            self.batch_seconds += time.perf_counter() - t0
+
+        ref._run_batch = run_batch  # on this instance only
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls += 1
+        self.rows += int(ids.shape[0])
+        self.positions += int(ids.numel())  # padding included: it is computed all the same
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.seconds += time.perf_counter() - self._t0
+
+    def reset(self) -> None:
+        self.calls = self.rows = self.positions = 0
+        self.seconds = self.batch_seconds = 0.0
+
+
+def timed(meter: DecoderMeter, fn) -> dict:
+    """One run of fn, with the decoder's counts and the machine's load around it: the
+    machine may be shared, and a busy one slows the many small matmuls of token-by-token
+    paths far more than the few large ones of batched passes."""
+    load = os.getloadavg()[0]
+    meter.reset()
+    t0 = time.perf_counter()
+    value = fn()
+    wall = time.perf_counter() - t0
+    return {"load_1min": [round(load, 2), round(os.getloadavg()[0], 2)], "wall_s": wall, "decoder_calls": meter.calls, "decoder_rows": meter.rows,
+            "decoder_positions": meter.positions, "decoder_s": meter.seconds,
+            "scorer_batches_s": meter.batch_seconds, "value": value}
+
+
+# -- the paths ----------------------------------------------------------------------
+def aligned(ref: ReferenceModel, registry: Registry, lines: list[str]) -> list[dict]:
+    outputs, _ = run_audit(lines, registry, rerun=False, models={MODEL: ref},
+                           on_error=lambda m: print(m, file=sys.stderr))
+    bad = [o for o in outputs if o["verdict"] == "error"]
+    if bad:
+        sys.exit(f"records the scorer rejected: {bad[:3]}")
+    return outputs
+
+
+def regenerate(ref: ReferenceModel, jobs: list[tuple], lengths: list[int]) -> list[list[int]]:
+    """jobs: (record, prompt ids, settings); each answer re-generated for exactly its
+    aligned length (end of sequence off)."""
+    forced = copy.copy(ref)
+    forced.eos_ids = []
+    settings = [dataclasses.replace(s, max_tokens=max(1, n)) for (_, _, s), n in zip(jobs, lengths)]
+    seeds = [probe_seed(r["messages"], s) for r, _, s in jobs]  # the audit's re-run seed
+    return forced.generate([p for _, p, _ in jobs], settings, seeds)
+
+
+@torch.inference_mode()
+def naive_align(ref: ReferenceModel, prompt: list[int], text: str) -> tuple[list[int], list[float]]:
+    data = text.encode("utf-8", "surrogatepass")
+    step = ref.model(input_ids=torch.tensor([prompt], device=ref.device), use_cache=True, logits_to_keep=1)
+    pos, tokens, logps = 0, [], []
+    while True:
+        logp = torch.log_softmax(step.logits[0, -1].float(), dim=-1)
+        if pos >= len(data):
+            logps.append(float(logp[ref.eos_ids].max()))  # the stop
+            return tokens, logps
+        cands = ref.table.candidates(data, pos, lead=False, trail=False)
+        best = max(cands, key=lambda c: float(logp[c.token]))
+        tokens.append(best.token)
+        logps.append(float(logp[best.token]))
+        pos += best.consumed
+        step = ref.model(input_ids=torch.tensor([[best.token]], device=ref.device),
+                         cache=step.cache, use_cache=True, logits_to_keep=1)
+
+
+def naive(ref: ReferenceModel, jobs: list[tuple]) -> list[int]:
+    return [len(naive_align(ref, p, r["response"])[0]) for r, p, _ in jobs]
+
+
+def plain_forward(ref: ReferenceModel, jobs: list[tuple]) -> int:
+    items = []
+    for r, prompt, _ in jobs:
+        path = ref.canonical_ids(r["response"])
+        items.append((prompt, path, [[t] for t in path] + [ref.eos_ids], Settings(temperature=0.0), 0))
+    ref.step_features(items)
+    return sum(len(i[1]) for i in items)
+
+
+# -- the run ------------------------------------------------------------------------
+def path_result(run: dict, answers: int, tokens: int, **extra) -> dict:
+    return {"answers": answers, "tokens": tokens, "wall_s": round(run["wall_s"], 3),
+            "tokens_per_s": round(tokens / run["wall_s"], 1),
+            "decoder_calls": run["decoder_calls"],
+            "forward_passes_per_answer": round(run["decoder_rows"] / answers, 2),
+            "decoder_positions_per_token": round(run["decoder_positions"] / tokens, 2),
+            "decoder_s": round(run["decoder_s"], 3),
+            "decoder_share": round(run["decoder_s"] / run["wall_s"], 3),
+            "scorer_batches_s": round(run["scorer_batches_s"], 3),
+            "load_1min_before_after": run["load_1min"], **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a subset: under a minute on 2 cores")
+    ap.add_argument("--records", type=Path, default=RESULTS / "audit_records.jsonl")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    out_path = args.out or RESULTS / ("scoring_speed.quick.json" if args.quick else "scoring_speed.json")
+    torch.set_num_threads(args.threads)
+    # ReferenceModel.generate passes `past_key_values`, which transformers 5 renames `cache`
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+
+    lines = [line for line in args.records.read_text().splitlines() if line.strip()]
+    if args.quick:
+        lines = lines[::10]
+    registry = Registry.load()
+    t0 = time.perf_counter()
+    ref = ReferenceModel.load(registry.get(MODEL))
+    load_s = time.perf_counter() - t0
+    meter = DecoderMeter(ref)
+    jobs = []
+    for line in lines:
+        record, settings = parse_line(line)
+        jobs.append((json.loads(line), ref.prompt_ids(record.model_dump()["messages"]), settings))
+    # (a) and (b) on --quick: a few of the answers
+    slow_idx = list(range(0, len(jobs), max(1, len(jobs) // 4) if args.quick else 1))
+    slow = [jobs[i] for i in slow_idx]
+    print(f"{len(lines)} records from {args.records.name}; model loaded in {load_s:.1f} s; "
+          f"{args.threads} torch threads", file=sys.stderr)
+
+    # Warm-up on one answer each (kernels, allocator, the tokenizer's caches).
+    aligned(ref, registry, lines[:1])
+    regenerate(ref, jobs[:1], [4])
+    naive(ref, jobs[:1])
+    plain_forward(ref, jobs[:1])
+
+    runs = {}
+    runs["aligned"] = timed(meter, lambda: aligned(ref, registry, lines))
+    outputs = runs["aligned"]["value"]
+    lengths = [o["metrics"]["tokens"] for o in outputs]
+    tokens = sum(lengths)
+    passes = [o["metrics"]["alignment"]["forward_passes"] for o in outputs]
+    print(f"aligned: {tokens} answer tokens in {runs['aligned']['wall_s']:.1f} s", file=sys.stderr)
+    runs["forward"] = timed(meter, lambda: plain_forward(ref, jobs))
+    print(f"forward: {runs['forward']['wall_s']:.1f} s", file=sys.stderr)
+    slow_lengths = [lengths[i] for i in slow_idx]
+    runs["generate"] = timed(meter, lambda: regenerate(ref, slow, slow_lengths))
+    print(f"generate: {runs['generate']['wall_s']:.1f} s", file=sys.stderr)
+    runs["naive"] = timed(meter, lambda: naive(ref, slow))
+    print(f"naive: {runs['naive']['wall_s']:.1f} s", file=sys.stderr)
+
+    generated = sum(len(t) for t in runs["generate"]["value"])
+    assert generated == sum(max(1, n) for n in slow_lengths), (generated, slow_lengths)
+    paths = {
+        "aligned": path_result(runs["aligned"], len(jobs), tokens,
+                               mean_alignment_forward_passes=round(sum(passes) / len(passes), 2),
+                               max_alignment_forward_passes=max(passes),
+                               answers_with_branches=sum(o["metrics"]["alignment"]["branches"] > 0
+                                                         for o in outputs)),
+        "generate": path_result(runs["generate"], len(slow), sum(slow_lengths), tokens_generated=generated),
+        "naive": path_result(runs["naive"], len(slow), sum(slow_lengths),
+                             naive_own_tokens=sum(runs["naive"]["value"])),
+        "forward": path_result(runs["forward"], len(jobs), tokens,
+                               canonical_tokens=runs["forward"]["value"]),
+    }
+    rate = {k: v["tokens_per_s"] for k, v in paths.items()}
+    ratios = {f"aligned_vs_{k}": round(rate["aligned"] / rate[k], 3) for k in ("forward", "generate", "naive")}
+    a, f = runs["aligned"], runs["forward"]
+    where = {  # the aligned scorer's wall time, split
+        "decoder_s": round(a["decoder_s"], 2),
+        "lm_head_and_reductions_s": round(a["scorer_batches_s"] - a["decoder_s"], 2),
+        "alignment_walk_scoring_and_parsing_s": round(a["wall_s"] - a["scorer_batches_s"], 2),
+        "decoder_positions_vs_forward": round(a["decoder_positions"] / f["decoder_positions"], 2),
+        "decoder_s_vs_forward": round(a["decoder_s"] / f["decoder_s"], 2),
+        "scorer_batches_s_vs_forward": round(a["scorer_batches_s"] / f["scorer_batches_s"], 2),
+    }
+    verdicts: dict[str, dict[str, int]] = {}
+    for o in outputs:
+        verdicts.setdefault(o["host"], {}).setdefault(o["verdict"], 0)
+        verdicts[o["host"]][o["verdict"]] += 1
+    result = {
+        "benchmark": "scoring_speed",
+        "command": "python benchmarks/scoring_speed.py" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "model": f"{MODEL} ({ref.spec.dtype}, {ref.device})", "model_load_s": round(load_s, 1),
+        "records_file": str(args.records.relative_to(ROOT) if args.records.is_relative_to(ROOT) else args.records),
+        "records": len(jobs), "subset": "every 10th record" if args.quick else "all",
+        "generate_and_naive_records": len(slow),
+        "tokens_definition": "answer tokens scored: the aligned token count of each answer "
+                             "(implied whitespace tokens included, prompt tokens never)",
+        "paths": paths, **ratios, "aligned_time": where,
+        "acceptance": {"aligned_at_least_half_of_forward": ratios["aligned_vs_forward"] >= 0.5,
+                       "aligned_at_least_10x_generate": ratios["aligned_vs_generate"] >= 10},
+        "verdicts": verdicts,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{'path':<9} {'answers':>7} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'passes/answer':>13} "
+          f"{'positions/token':>15} {'in decoder':>10}")
+    for name, p in paths.items():
+        print(f"{name:<9} {p['answers']:>7} {p['tokens']:>7} {p['wall_s']:>8.2f} {p['tokens_per_s']:>9.1f} "
+              f"{p['forward_passes_per_answer']:>13.2f} {p['decoder_positions_per_token']:>15.2f} "
+              f"{100 * p['decoder_share']:>9.0f}%")
+    print("aligned scorer's time: " + ", ".join(f"{k} {v}" for k, v in where.items()))
+    print("  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + f"  (wrote {out_path})")
+    print(json.dumps({"records": len(jobs), **ratios, **{f"{k}_tokens_per_s": v for k, v in rate.items()},
+                      "aligned_forward_passes_per_answer": paths["aligned"]["forward_passes_per_answer"]}))
+
+
+if __name__ == "__main__":
+    main()
