@@ -27,6 +27,11 @@ reputation_events), counted in the database afterwards; updates (leases, last_se
 scores on hosts) are not rows but are in the statement counts. The daemon's engine is
 cold (SQLAlchemy compiles each statement once on first use), as after a restart.
 
+The baseline's pool has the daemon's limits (`concurrency` connections) on purpose, so
+the difference is the daemon's own work. (A pool twice that size, as the daemon first
+had, made the client itself about 4x slower: httpcore 1.0.9 scans its connections for
+every idle one on each request.)
+
     python benchmarks/daemon_overhead.py            # 500 hosts x 4 probes, concurrency 100
     python benchmarks/daemon_overhead.py --hosts 20 --probes-per-host 2 --backends sqlite
 
@@ -98,7 +103,7 @@ def timed(fn, *args):
 
 
 def pool_limits(concurrency: int) -> httpx.Limits:
-    return httpx.Limits(max_connections=concurrency * 2, keepalive_expiry=4.0)  # as probe_round's
+    return httpx.Limits(max_connections=concurrency, keepalive_expiry=4.0)  # as probe_round's
 
 
 async def send_bare(config: ValidatorConfig, concurrency: int, limit: int) -> list[bool]:
@@ -159,6 +164,7 @@ def bench_backend(url: str, urls: list[str], args, baseline: dict) -> dict:
     seen = count_statements(engine)
     try:
         before = counts(engine, ROUND_TABLES)
+        seen.update(statements=0, commits=0)
         hosts, wall, cpu = timed(asyncio.run, daemon.probe_round(ROUND))
         rows = inserted(engine, ROUND_TABLES, before)
         with engine.connect() as c:

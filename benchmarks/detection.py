@@ -1,8 +1,13 @@
 """Detection benchmark: the simulated network refereed by the real daemon for K rounds.
 
     python benchmarks/detection.py                  # the default run (about 15 min on 2 cores)
-    python benchmarks/detection.py --quick          # a few minutes: 1 host per kind, 3 rounds
+    python benchmarks/detection.py --quick          # about 5 min: 1 host per kind, 3 rounds of 4
     python benchmarks/detection.py --rounds 6 --replicas 5 --probes-per-host 4
+    python benchmarks/detection.py --from-json benchmarks/results/detection.json  # tables, plot again
+
+Default: 3 rounds of 5 probes per host, 3 hosts per cheat, 2 per honest engine (30 hosts,
+450 probes), 8 probes in flight, 1 torch thread per generating or scoring thread (several
+models generate at once on 2 cores; more threads per model only oversubscribe them).
 
 Every host is model-backed (no fault hosts): the three honest engines of the calibration
 (transformers float32 and bfloat16, llama.cpp on the GGUF) and the eight cheats of
@@ -71,7 +76,7 @@ HONEST = {  # engine group -> host options in the network file
 }
 SCORED = ("pass", "fail", "inconclusive")
 P_FLOOR = 1e-300  # -log10(0) would be infinite
-DEFAULTS = {"rounds": 4, "replicas": 3, "honest_replicas": 3, "probes_per_host": 4}
+DEFAULTS = {"rounds": 3, "replicas": 3, "honest_replicas": 2, "probes_per_host": 5}
 QUICK = {"rounds": 3, "replicas": 1, "honest_replicas": 1, "probes_per_host": 4}
 
 
@@ -79,10 +84,14 @@ QUICK = {"rounds": 3, "replicas": 1, "honest_replicas": 1, "probes_per_host": 4}
 
 def network_hosts(replicas: int, honest_replicas: int) -> list[dict]:
     """The network's hosts, each with its "group" (honest engine or cheat strategy)."""
-    hosts = [{"name": f"{group}-{i}", "group": group, **options}
-             for group, options in HONEST.items() for i in range(1, honest_replicas + 1)]
-    hosts += [{"name": f"cheat-{s}-{i}", "group": s, "strategy": s}
-              for s in CHEATS for i in range(1, replicas + 1)]
+    hosts = []
+    # Replica by replica, so that hosts sharing a model are not next to each other: the
+    # daemon sends probes in host order, and each model answers one request at a time.
+    for i in range(1, max(replicas, honest_replicas) + 1):
+        if i <= honest_replicas:
+            hosts += [{"name": f"{group}-{i}", "group": group, **options} for group, options in HONEST.items()]
+        if i <= replicas:
+            hosts += [{"name": f"cheat-{s}-{i}", "group": s, "strategy": s} for s in CHEATS]
     return hosts
 
 
@@ -118,8 +127,9 @@ def run_network(workdir: Path, db: Path, hosts: list[dict], rounds: int, validat
 
 # --------------------------------------------------------------------------- analysis
 
-def per_host(db: Path, hosts: list[dict], reputation) -> dict[str, dict]:
-    """Each host's answers, verdicts, state and (if flagged) probes to detection."""
+def per_host(db: Path, hosts: list[dict], reputation) -> tuple[dict[str, dict], list[int]]:
+    """Each host's answers, verdicts, state and (if flagged) probes to detection; and the
+    round numbers the daemon probed."""
     from validator.reputation import log_e_values, log_evidence
     from validator.store import Store
 
@@ -156,7 +166,7 @@ def per_host(db: Path, hosts: list[dict], reputation) -> dict[str, dict]:
                 "p_values": [float(f"{r['p_value']:.4g}") for r in scored],
                 "flag_reason": flags[0]["reason"] if flags else None,
             }
-        return out
+        return out, rounds
     finally:
         store.close()
 
@@ -225,6 +235,13 @@ def markdown(result: dict) -> str:
     hosts = result["hosts"]
     missed = [n for s in cheats.values() for n in s["undetected"]]
     alarms = [n for n, h in hosts.items() if h["honest"] and h["flagged"]]
+    honest_p = [p for h in hosts.values() if h["honest"] for p in h["p_values"]]
+    cheat_p = [p for h in hosts.values() if not h["honest"] for p in h["p_values"]]
+    per_host = cfg["rounds"] * cfg["probes_per_host"]
+    late = [f"{name} was caught only in the last round (worst {s['probes_to_detection_worst']} of "
+            f"{per_host} probes): with fewer probes per host it may not be."
+            for name, s in cheats.items()
+            if (s["probes_to_detection_worst"] or 0) > per_host - cfg["probes_per_host"]]
     lines = [
         "# Detection benchmark",
         "",
@@ -244,7 +261,10 @@ def markdown(result: dict) -> str:
          f"**False alarms: {', '.join(alarms)}.**"),
         f"Overall AUC of the per-answer p-values, cheat vs honest answers: "
         f"**{result['roc']['overall']['auc']}** ({result['roc']['overall']['positives']} cheat, "
-        f"{result['roc']['overall']['negatives']} honest answers).",
+        f"{result['roc']['overall']['negatives']} honest answers); "
+        f"{sum(p == 1.0 for p in honest_p)} of the honest and {sum(p == 1.0 for p in cheat_p)} of the "
+        "cheat answers have p = 1 exactly: those ties (counted one half) are what keeps the AUC below 1.",
+        *late,
         "",
         "## Cheats",
         "",
@@ -275,11 +295,12 @@ def markdown(result: dict) -> str:
     for name, e in engines.items():
         lines.append(f"| {name} | {e['hosts']} | {e['probes']} | {e['false_alarms']} | {e['failed_answers']} | "
                      f"{e['inconclusive_answers']} | 10^{e['max_evidence_log10']} | {', '.join(e['states'])} |")
-    lines += ["", "## Hosts", "",
+    lines += ["", "## Hosts", "", f"Rounds (numbered by the daemon: time // interval): {result['rounds']}.", "",
               "| host | state | probes scored | pass / inconclusive / fail | transport errors | "
               "probes to detection (round) | final evidence |",
               "|---|---|---|---|---|---|---|"]
-    for name, h in hosts.items():
+    order = [*HONEST, *CHEATS]
+    for name, h in sorted(hosts.items(), key=lambda kv: (order.index(kv[1]["group"]), kv[0])):
         v = h["verdicts"]
         det = "-" if h["probes_to_detection"] is None else f"{h['probes_to_detection']} ({h['round_of_detection']})"
         lines.append(f"| {name} | {h['state']} | {h['probes']} | {v['pass']} / {v['inconclusive']} / {v['fail']} | "
@@ -344,17 +365,30 @@ def main() -> None:
                     help=f"probes per host per round (default {DEFAULTS['probes_per_host']})")
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
-    ap.add_argument("--concurrency", type=int, default=16, help="probes in flight at once (default 16)")
+    ap.add_argument("--concurrency", type=int, default=8, help="probes in flight at once (default 8)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per generating or scoring thread, 0 for torch's own (default 1: several models "
+                         "generate at once, and more threads only oversubscribe 2 cores)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                     help="where detection.json/.md/.png go (default benchmarks/results)")
     ap.add_argument("--db", type=Path, help="keep the daemon's SQLite database here (default: a temporary file)")
+    ap.add_argument("--from-json", type=Path, metavar="JSON",
+                    help="no run: write detection.md and detection.png again from a detection.json")
     args = ap.parse_args()
+    if args.from_json:
+        write_outputs(json.loads(args.from_json.read_text()), args.out)
+        return
     preset = QUICK if args.quick else DEFAULTS
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     if min(size.values()) < 1:
         ap.error("--rounds, --replicas, --honest-replicas and --probes-per-host must be at least 1")
 
+    import torch
+
     from validator.reputation import ReputationConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     validator = validator_settings(size["probes_per_host"], args.concurrency)
     reputation = ReputationConfig.from_dict(validator["reputation"])
@@ -363,7 +397,7 @@ def main() -> None:
         db = (args.db or Path(tmp) / "detection.db").resolve()
         wall = run_network(Path(tmp), db, hosts, size["rounds"], validator)
         t0 = time.perf_counter()
-        results = per_host(db, hosts, reputation)
+        results, rounds = per_host(db, hosts, reputation)
     cheats, engines, curves = summarise(results)
     argv = " ".join(sys.argv[1:])
     result = {
@@ -371,9 +405,10 @@ def main() -> None:
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                    f"Python {platform.python_version()}",
-        "config": {**size, "quick": args.quick, "model": MODEL, "trust_after": reputation.trust_after,
+        "config": {**size, "quick": args.quick, "threads": args.threads, "model": MODEL, "trust_after": reputation.trust_after,
                    "alpha": reputation.alpha, "validator": validator,
                    "network": [{k: v for k, v in h.items() if k != "group"} for h in hosts]},
+        "rounds": rounds,
         "runtime_s": {"total": round(wall, 1), "analysis": round(time.perf_counter() - t0, 2)},
         # The minimum contract: per host, keyed by host name.
         "cheats": {n: {"strategy": h["group"], "detected": h["flagged"],
@@ -389,8 +424,14 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "detection.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "detection.md").write_text(markdown(result))
-    plot(curves, results, args.out / "detection.png")
+    write_outputs(result, args.out)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """detection.md and detection.png from the results; prints the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detection.md").write_text(markdown(result))
+    plot(result["roc"], result["hosts"], out / "detection.png")
     print(markdown(result))
 
 

@@ -29,17 +29,24 @@ and (c) compute less per step than the scorer (no support statistics), so the ra
 favour them.
 
 Forward passes per scored answer: rows the model's decoder ran for that answer (a row
-of a batched pass counts one), from a pre-hook on the decoder (`model.model`); for the
+of a batched pass counts one; a batched generation step counts one for every row of
+the batch, finished or not), from a pre-hook on the decoder (`model.model`); for the
 aligned path it equals `metrics["alignment"]["forward_passes"]` averaged over answers.
+Decoder positions per token: positions the decoder computed (prompts and padding
+included) per answer token. The aligned scorer's time is split into the decoder, the
+LM head with the reductions (the rest of `ReferenceModel._run_batch`) and everything
+else (alignment walk, scoring, parsing).
 
 Input: benchmarks/results/audit_records.jsonl (200 answers to 50 probes by two honest
 engines and two cheats, written by real models with make_records.py), loaded once; the
 reference model (SmolLM2-135M, float32, CPU) is loaded once, outside the timings, and
 each path is warmed up on one answer first. Torch runs with `torch.set_num_threads(2)`
-(`--threads`). The default run times every path on every record; `--quick` (under a
-minute on 2 cores) times the scorer and the forward pass on every tenth record and the
-re-generation and the naive aligner on a few of those; tokens per second need no
-scaling, as every path's rate is measured on the answers it ran.
+(`--threads`). The paths take turns on each chunk of 64 records (the audit's own
+chunk), so a change in a shared machine's load falls on all of them; the 1-minute load
+average before each run is recorded. The default run times every path on every record;
+`--quick` (under a minute on 2 cores) times the scorer and the forward pass on every
+tenth record and the re-generation and the naive aligner on 4 of those; tokens per
+second need no scaling, as every path's rate is measured on the answers it ran.
 
     python benchmarks/scoring_speed.py            # all 200 records, about 10 minutes on 2 cores
     python benchmarks/scoring_speed.py --quick    # under a minute
@@ -67,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from validator.audit import parse_line, probe_seed, run_audit  # noqa: E402
+from validator.audit import CHUNK, parse_line, probe_seed, run_audit  # noqa: E402
 from validator.reference import ReferenceModel  # noqa: E402
 from validator.registry import Registry  # noqa: E402
 from validator.sampling import Settings  # noqa: E402
@@ -111,18 +118,30 @@ class DecoderMeter:
         self.seconds = self.batch_seconds = 0.0
 
 
-def timed(meter: DecoderMeter, fn) -> dict:
-    """One run of fn, with the decoder's counts and the machine's load around it: the
-    machine may be shared, and a busy one slows the many small matmuls of token-by-token
-    paths far more than the few large ones of batched passes."""
-    load = os.getloadavg()[0]
-    meter.reset()
-    t0 = time.perf_counter()
-    value = fn()
-    wall = time.perf_counter() - t0
-    return {"load_1min": [round(load, 2), round(os.getloadavg()[0], 2)], "wall_s": wall, "decoder_calls": meter.calls, "decoder_rows": meter.rows,
-            "decoder_positions": meter.positions, "decoder_s": meter.seconds,
-            "scorer_batches_s": meter.batch_seconds, "value": value}
+class Runs:
+    """Per path: the runs of its function, chunk by chunk, added up, with the decoder's
+    counts and the machine's 1-minute load before each run (the machine may be shared;
+    a busy one slows the many small matmuls of token-by-token paths far more than the
+    few large ones of batched passes)."""
+
+    KEYS = ("wall_s", "decoder_calls", "decoder_rows", "decoder_positions", "decoder_s", "scorer_batches_s")
+
+    def __init__(self, meter: DecoderMeter):
+        self.meter = meter
+        self.paths: dict[str, dict] = {}
+
+    def run(self, name: str, fn):
+        load = os.getloadavg()[0]
+        m = self.meter
+        m.reset()
+        t0 = time.perf_counter()
+        value = fn()
+        got = (time.perf_counter() - t0, m.calls, m.rows, m.positions, m.seconds, m.batch_seconds)
+        total = self.paths.setdefault(name, {**dict.fromkeys(self.KEYS, 0), "load_1min": []})
+        for key, v in zip(self.KEYS, got):
+            total[key] += v
+        total["load_1min"].append(round(load, 2))
+        return value
 
 
 # -- the paths ----------------------------------------------------------------------
@@ -187,7 +206,7 @@ def path_result(run: dict, answers: int, tokens: int, **extra) -> dict:
             "decoder_s": round(run["decoder_s"], 3),
             "decoder_share": round(run["decoder_s"] / run["wall_s"], 3),
             "scorer_batches_s": round(run["scorer_batches_s"], 3),
-            "load_1min_before_after": run["load_1min"], **extra}
+            "load_1min_before_each_chunk": run["load_1min"], **extra}
 
 
 def main() -> None:
@@ -226,38 +245,44 @@ def main() -> None:
     naive(ref, jobs[:1])
     plain_forward(ref, jobs[:1])
 
-    runs = {}
-    runs["aligned"] = timed(meter, lambda: aligned(ref, registry, lines))
-    outputs = runs["aligned"]["value"]
-    lengths = [o["metrics"]["tokens"] for o in outputs]
-    tokens = sum(lengths)
-    passes = [o["metrics"]["alignment"]["forward_passes"] for o in outputs]
-    print(f"aligned: {tokens} answer tokens in {runs['aligned']['wall_s']:.1f} s", file=sys.stderr)
-    runs["forward"] = timed(meter, lambda: plain_forward(ref, jobs))
-    print(f"forward: {runs['forward']['wall_s']:.1f} s", file=sys.stderr)
-    slow_lengths = [lengths[i] for i in slow_idx]
-    runs["generate"] = timed(meter, lambda: regenerate(ref, slow, slow_lengths))
-    print(f"generate: {runs['generate']['wall_s']:.1f} s", file=sys.stderr)
-    runs["naive"] = timed(meter, lambda: naive(ref, slow))
-    print(f"naive: {runs['naive']['wall_s']:.1f} s", file=sys.stderr)
+    # The paths take turns on each chunk of records (the audit's own chunk of 64), so a
+    # change in the machine's load falls on all of them.
+    runs = Runs(meter)
+    outputs: list[dict] = []
+    lengths: list[int] = []
+    slow_set = set(slow_idx)
+    naive_own = 0  # tokens the naive aligner's own segmentation has
+    for start in range(0, len(jobs), CHUNK):
+        idx = list(range(start, min(start + CHUNK, len(jobs))))
+        outputs += runs.run("aligned", lambda: aligned(ref, registry, [lines[i] for i in idx]))
+        lengths = [o["metrics"]["tokens"] for o in outputs]
+        runs.run("forward", lambda: plain_forward(ref, [jobs[i] for i in idx]))
+        sidx = [i for i in idx if i in slow_set]
+        if sidx:
+            gen = runs.run("generate", lambda: regenerate(ref, [jobs[i] for i in sidx],
+                                                          [lengths[i] for i in sidx]))
+            assert [len(t) for t in gen] == [max(1, lengths[i]) for i in sidx]
+            naive_own += sum(runs.run("naive", lambda: naive(ref, [jobs[i] for i in sidx])))
+        print(f"records {idx[-1] + 1}/{len(jobs)}: " + ", ".join(
+            f"{k} {v['wall_s']:.1f} s" for k, v in runs.paths.items()), file=sys.stderr)
 
-    generated = sum(len(t) for t in runs["generate"]["value"])
-    assert generated == sum(max(1, n) for n in slow_lengths), (generated, slow_lengths)
+    tokens = sum(lengths)
+    slow_tokens = sum(lengths[i] for i in slow_idx)
+    passes = [o["metrics"]["alignment"]["forward_passes"] for o in outputs]
+    canonical = sum(len(ref.canonical_ids(r["response"])) for r, _, _ in jobs)
     paths = {
-        "aligned": path_result(runs["aligned"], len(jobs), tokens,
+        "aligned": path_result(runs.paths["aligned"], len(jobs), tokens,
                                mean_alignment_forward_passes=round(sum(passes) / len(passes), 2),
                                max_alignment_forward_passes=max(passes),
                                answers_with_branches=sum(o["metrics"]["alignment"]["branches"] > 0
                                                          for o in outputs)),
-        "generate": path_result(runs["generate"], len(slow), sum(slow_lengths), tokens_generated=generated),
-        "naive": path_result(runs["naive"], len(slow), sum(slow_lengths),
-                             naive_own_tokens=sum(runs["naive"]["value"])),
-        "forward": path_result(runs["forward"], len(jobs), tokens,
-                               canonical_tokens=runs["forward"]["value"]),
+        "generate": path_result(runs.paths["generate"], len(slow), slow_tokens),
+        "naive": path_result(runs.paths["naive"], len(slow), slow_tokens, naive_own_tokens=naive_own),
+        "forward": path_result(runs.paths["forward"], len(jobs), tokens, canonical_tokens=canonical),
     }
     rate = {k: v["tokens_per_s"] for k, v in paths.items()}
     ratios = {f"aligned_vs_{k}": round(rate["aligned"] / rate[k], 3) for k in ("forward", "generate", "naive")}
-    a, f = runs["aligned"], runs["forward"]
+    a, f = runs.paths["aligned"], runs.paths["forward"]
     where = {  # the aligned scorer's wall time, split
         "decoder_s": round(a["decoder_s"], 2),
         "lm_head_and_reductions_s": round(a["scorer_batches_s"] - a["decoder_s"], 2),

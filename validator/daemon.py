@@ -101,8 +101,10 @@ class Daemon:
         round_no = self.round_number() if round_no is None else round_no
         cfg = self.config.rounds
         probed, started = 0, time.monotonic()
+        # A pool no larger than the probes in flight: httpcore scans its whole pool per
+        # request, so twice the connections cost ~4x the CPU (benchmarks/daemon_overhead.py).
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
-                max_connections=cfg.concurrency * 2, keepalive_expiry=4.0)) as http:
+                max_connections=cfg.concurrency, keepalive_expiry=4.0)) as http:
             while not self.stopping.is_set():
                 hosts = await asyncio.to_thread(self.store.claim_host_rounds, round_no, self.owner,
                                                 cfg.claim_batch, cfg.lease_s)
