@@ -284,13 +284,13 @@ def test_no_sockets_or_tasks_leak(tmp_path):
 # ------------------------------------------------------------------ hosts with models
 
 # Audited through the daemon in tests/test_demo.py: the honest transformers and llama.cpp
-# hosts, the other-model and replayed cheats. tests/test_detection.py scores bfloat16
-# answers and the hotter and greedy-when-sampling cheats. The remaining cheats are here.
+# hosts, the other-model and replayed cheats. tests/test_detection.py scores the same
+# engines' bfloat16, layers-removed, hotter, greedy-when-sampling and truncated answers,
+# and benchmarks/detection.py runs every strategy through the daemon. The cheats found
+# nowhere else in the default test run are audited here, beside an honest control.
 MODEL_HOSTS = {  # name -> strategy, options
-    "cheat-layers-removed": ("layers-removed", {}),
     "cheat-requantised": ("requantised", {}),
     "cheat-settings-ignored": ("settings-ignored", {}),
-    "cheat-truncated": ("truncated", {}),
 }
 # Models generate on a shared 2-core CPU here, one request at a time per engine.
 PATIENT = Timeouts(first_byte=600, total=900)
