@@ -19,7 +19,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip show llama-cpp-python 2>/dev/null | grep -q '^Version: 0.3.16$$' || \
 		CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python==0.3.16"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 	touch $@
 
 demo: setup
