@@ -45,10 +45,12 @@ each path is warmed up on one answer first. Torch runs with `torch.set_num_threa
 chunk), so a change in a shared machine's load falls on all of them; the 1-minute load
 average before each run is recorded. The default run times every path on every record;
 `--quick` (under a minute on 2 cores) times the scorer and the forward pass on every
-tenth record and the re-generation and the naive aligner on 4 of those; tokens per
-second need no scaling, as every path's rate is measured on the answers it ran.
+tenth record and the re-generation and the naive aligner on 3 of those; tokens per
+second need no scaling, as every path's rate is measured on the answers it ran (but
+3 answers make a small generation batch, so --quick overstates aligned_vs_generate:
+the default run batches 32, as `generate` does).
 
-    python benchmarks/scoring_speed.py            # all 200 records, about 10 minutes on 2 cores
+    python benchmarks/scoring_speed.py            # all 200 records, about 23 minutes on 2 cores
     python benchmarks/scoring_speed.py --quick    # under a minute
 
 Writes benchmarks/results/scoring_speed.json (--quick: scoring_speed.quick.json), prints
@@ -233,8 +235,8 @@ def main() -> None:
     for line in lines:
         record, settings = parse_line(line)
         jobs.append((json.loads(line), ref.prompt_ids(record.model_dump()["messages"]), settings))
-    # (a) and (b) on --quick: a few of the answers
-    slow_idx = list(range(0, len(jobs), max(1, len(jobs) // 4) if args.quick else 1))
+    # (a) and (b) on --quick: 3 of the answers, spread over the hosts
+    slow_idx = list(range(0, len(jobs), -(-len(jobs) // 3) if args.quick else 1))
     slow = [jobs[i] for i in slow_idx]
     print(f"{len(lines)} records from {args.records.name}; model loaded in {load_s:.1f} s; "
           f"{args.threads} torch threads", file=sys.stderr)
