@@ -5,7 +5,6 @@ on the daemon's bookkeeping and on scoring with the real SmolLM2 reference."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from validator.store import Store
 
+from .conftest import PG_URL, fresh_postgres_database
 from .test_simulator import start_simulator, stop_simulator
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PROBES = 5
 TIMEOUT = 240
 
@@ -108,17 +107,8 @@ def test_sigkill_mid_round_then_restart_loses_and_doubles_nothing(slow_hosts, tm
 
 @pytest.fixture
 def pg_url():
-    name = f"validator_test_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'create database "{name}"'))
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'drop database if exists "{name}" with (force)'))
-    admin.dispose()
+    with fresh_postgres_database() as name:
+        yield PG_URL.format(db=name)
 
 
 def test_two_daemons_on_postgres_share_one_round(slow_hosts, tmp_path, pg_url):

@@ -5,7 +5,6 @@ concurrency tests race real processes (multiprocessing, spawn)."""
 from __future__ import annotations
 
 import multiprocessing
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -15,11 +14,11 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, update
 
+from .conftest import PG_ADMIN, PG_URL, fresh_postgres_database
 from validator.store import (
     Base, Dispatch, HostRound, Score, Store, alembic_config, engine_for, upgrade,
 )
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname={db} connect_timeout=3"
 TABLES = {"hosts", "probes", "dispatches", "scores", "host_rounds", "reputation_events",
           "feedback", "validators", "alembic_version"}
 
@@ -27,17 +26,8 @@ TABLES = {"hosts", "probes", "dispatches", "scores", "host_rounds", "reputation_
 @pytest.fixture(scope="session")
 def pg_db():
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
-    try:
-        admin = psycopg.connect(PG_ADMIN.format(db="test"), autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (user postgres, db test) unreachable: {exc}")
-    name = f"validator_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with fresh_postgres_database() as name:
         yield name
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -49,7 +39,7 @@ def url(request, tmp_path):
     with psycopg.connect(PG_ADMIN.format(db=db), autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+    return PG_URL.format(db=db)
 
 
 @pytest.fixture

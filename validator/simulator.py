@@ -6,9 +6,10 @@ One uvicorn server listens on one port per host, plus one for the gateway; the p
 request arrives on says which host it is for. Every model-backed host draws its answers
 from validator.engines, so each model is loaded once per process and shared.
 
-A strategy is a plug-in: subclass `Strategy`, give it a `name` and an `Options` model,
-implement `answer` (the text a host returns) or, for faults, `respond` (the whole HTTP
-response), and decorate it with `@strategy`. A new cheat is a few lines.
+A strategy is a plug-in: subclass `Strategy`, give it a `name`, its `engines` (the
+default `answer` generates with the first) and an `Options` model, override `answer`
+(the text a host returns) or, for faults, `respond` (the whole HTTP response), and
+decorate it with `@strategy`. A new cheat is a few lines.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class Strategy:
                                            settings or call.settings)
 
     async def answer(self, call: Call) -> str:
-        raise NotImplementedError
+        """By default: the host's one engine, with the request's own settings."""
+        if not self.engines:
+            raise NotImplementedError(f"strategy {self.name} names no engine and no answer()")
+        return await self.generate(call, self.engines[0])
 
     async def respond(self, call: Call, request: Request) -> Response:
         return render(call, await self.answer(call))
@@ -164,17 +168,11 @@ class HonestTransformers(Strategy):
     def engines(self):  # type: ignore[override]
         return ("fp32" if self.options.dtype == "float32" else "bf16",)
 
-    async def answer(self, call):
-        return await self.generate(call, self.engines[0])
-
 
 @strategy
 class HonestLlamaCpp(Strategy):
     name = "honest-llama.cpp"
     engines = ("llama.cpp",)
-
-    async def answer(self, call):
-        return await self.generate(call, "llama.cpp")
 
 
 @strategy
@@ -183,17 +181,11 @@ class OtherModel(Strategy):
     name = "other-model"
     engines = ("other",)
 
-    async def answer(self, call):
-        return await self.generate(call, "other")
-
 
 @strategy
 class LayersRemoved(Strategy):
     name = "layers-removed"
     engines = ("minus-layers",)
-
-    async def answer(self, call):
-        return await self.generate(call, "minus-layers")
 
 
 @strategy
@@ -201,9 +193,6 @@ class Requantised(Strategy):
     """The claimed model with its weights re-quantised to 4 bits (round to nearest)."""
     name = "requantised"
     engines = ("requantised",)
-
-    async def answer(self, call):
-        return await self.generate(call, "requantised")
 
 
 @strategy
