@@ -120,7 +120,7 @@ class Daemon:
 
     async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
         cfg = self.config
-        host = self.store.get_host(name)
+        host = await asyncio.to_thread(self.store.get_host, name)
         probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
                                cfg.rounds.probes_per_host)
         await asyncio.to_thread(self.store.ensure_probes, round_no, name,
@@ -131,7 +131,7 @@ class Daemon:
         token = (os.environ.get(host["token_env"]) if host["token_env"] else None) or "validator"
         client = FlexstackClient(host["url"], token=token, http=http, timeouts=cfg.client.timeouts())
 
-        async def send(probe) -> None:
+        async def send(probe) -> bool:
             async with self._semaphore:
                 if self.stopping.is_set():
                     return False
