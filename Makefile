@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # 0.003 nats per token, measured), so build for AVX2 without AMX.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup demo test test-slow calibrate bench
+.PHONY: setup setup-browser demo test test-slow calibrate bench
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: pyproject.toml Makefile
@@ -25,7 +25,14 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 demo: setup
 	$(BIN)/validator demo
 
-test: setup
+# Browser tests (dashboard, bench reports) drive Debian's chromium through Playwright;
+# no Playwright browser download is needed.
+setup-browser:
+	command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup setup-browser
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: setup

@@ -24,7 +24,6 @@ import argparse
 import json
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -60,10 +59,8 @@ def scorer_for(model, device: str) -> ReferenceModel:
     """The scorer's own batched path around a bare model: step_features needs the model,
     its device, a pad id and the batch budget; no tokenizer is involved."""
     ref = ReferenceModel.__new__(ReferenceModel)
-    ref.model, ref.device, ref.pad_id = model, device, 0
-    ref.softcap = getattr(model.config, "final_logit_softcapping", None)
-    ref.max_batch_tokens = 65536 if device == "cuda" else 8192
-    ref.lock = threading.Lock()
+    ref.bind(model, device)
+    ref.pad_id = 0
     return ref
 
 

@@ -39,18 +39,20 @@ else (alignment walk, scoring, parsing).
 
 Input: benchmarks/results/audit_records.jsonl (200 answers to 50 probes by two honest
 engines and two cheats, written by real models with make_records.py), loaded once; the
-reference model (SmolLM2-135M, float32, CPU) is loaded once, outside the timings, and
-each path is warmed up on one answer first. Torch runs with `torch.set_num_threads(2)`
-(`--threads`). The paths take turns on each chunk of 64 records (the audit's own
-chunk), so a change in a shared machine's load falls on all of them; the 1-minute load
-average before each run is recorded. The default run times every path on every record;
-`--quick` (under a minute on 2 cores) times the scorer and the forward pass on every
-tenth record and the re-generation and the naive aligner on 3 of those; tokens per
-second need no scaling, as every path's rate is measured on the answers it ran (but
-3 answers make a small generation batch, so --quick overstates aligned_vs_generate:
-the default run batches 32, as `generate` does).
+reference model (SmolLM2-135M, float32; on the GPU when one is present, else the CPU) is
+loaded once, outside the timings, and each path is warmed up on one answer first. Torch
+runs with `torch.set_num_threads(2)` (`--threads`). The paths take turns on each chunk
+of 64 records (the audit's own chunk), so a change in a shared machine's load falls on
+all of them; the 1-minute load average before each run is recorded. The default run
+times the scorer, the forward pass and the re-generation on every record and the naive
+aligner on every 4th (it handles one answer at a time, so its rate does not depend on
+how many it gets); `--quick` (under a minute on 2 cores) times the scorer and the
+forward pass on every tenth record and the re-generation and the naive aligner on 3 of
+those; tokens per second need no scaling, as every path's rate is measured on the
+answers it ran (but 3 answers make a small generation batch, so --quick overstates
+aligned_vs_generate: the default run batches 32, as `generate` does).
 
-    python benchmarks/scoring_speed.py            # all 200 records, about 23 minutes on 2 cores
+    python benchmarks/scoring_speed.py            # all 200 records, about 10 minutes on 2 cores
     python benchmarks/scoring_speed.py --quick    # under a minute
 
 Writes benchmarks/results/scoring_speed.json (--quick: scoring_speed.quick.json), prints
@@ -85,6 +87,12 @@ MODEL = "smollm2-135m"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def sync() -> None:
+    """On a GPU, work is queued: a timer must wait for it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class DecoderMeter:
     """Counts the decoder's forward calls, rows and positions, and the time spent in it
     (`model.model`: the transformer without its LM head) and in the scorer's batches
@@ -106,6 +114,7 @@ class DecoderMeter:
         ref._run_batch = run_batch  # on this instance only
 
     def _pre(self, module, args, kwargs):
+        sync()
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.calls += 1
         self.rows += int(ids.shape[0])
@@ -113,6 +122,7 @@ class DecoderMeter:
         self._t0 = time.perf_counter()
 
     def _post(self, module, args, output):
+        sync()
         self.seconds += time.perf_counter() - self._t0
 
     def reset(self) -> None:
@@ -136,8 +146,10 @@ class Runs:
         load = os.getloadavg()[0]
         m = self.meter
         m.reset()
+        sync()
         t0 = time.perf_counter()
         value = fn()
+        sync()
         got = (time.perf_counter() - t0, m.calls, m.rows, m.positions, m.seconds, m.batch_seconds)
         total = self.paths.setdefault(name, {**dict.fromkeys(self.KEYS, 0), "load_1min": []})
         for key, v in zip(self.KEYS, got):
@@ -169,6 +181,7 @@ def regenerate(ref: ReferenceModel, jobs: list[tuple], lengths: list[int]) -> li
 @torch.inference_mode()
 def naive_align(ref: ReferenceModel, prompt: list[int], text: str) -> tuple[list[int], list[float]]:
     data = text.encode("utf-8", "surrogatepass")
+    cache_arg = ref._cache_arg  # `cache` in transformers 5.x, `past_key_values` before
     step = ref.model(input_ids=torch.tensor([prompt], device=ref.device), use_cache=True, logits_to_keep=1)
     pos, tokens, logps = 0, [], []
     while True:
@@ -181,8 +194,8 @@ def naive_align(ref: ReferenceModel, prompt: list[int], text: str) -> tuple[list
         tokens.append(best.token)
         logps.append(float(logp[best.token]))
         pos += best.consumed
-        step = ref.model(input_ids=torch.tensor([[best.token]], device=ref.device),
-                         cache=step.cache, use_cache=True, logits_to_keep=1)
+        step = ref.model(input_ids=torch.tensor([[best.token]], device=ref.device), use_cache=True,
+                         logits_to_keep=1, **{cache_arg: getattr(step, cache_arg)})
 
 
 def naive(ref: ReferenceModel, jobs: list[tuple]) -> list[int]:
@@ -220,8 +233,6 @@ def main() -> None:
     args = ap.parse_args()
     out_path = args.out or RESULTS / ("scoring_speed.quick.json" if args.quick else "scoring_speed.json")
     torch.set_num_threads(args.threads)
-    # ReferenceModel.generate passes `past_key_values`, which transformers 5 renames `cache`
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
 
     lines = [line for line in args.records.read_text().splitlines() if line.strip()]
     if args.quick:
@@ -235,8 +246,12 @@ def main() -> None:
     for line in lines:
         record, settings = parse_line(line)
         jobs.append((json.loads(line), ref.prompt_ids(record.model_dump()["messages"]), settings))
-    # (a) and (b) on --quick: 3 of the answers, spread over the hosts
+    # (a) re-generation runs on every answer (on --quick: 3 of them, spread over the
+    # hosts), batched as `generate` batches. (b) the naive aligner handles one answer at a
+    # time, so its rate does not depend on which answers it gets: every 4th (--quick: the
+    # same 3) keeps the full run to minutes.
     slow_idx = list(range(0, len(jobs), -(-len(jobs) // 3) if args.quick else 1))
+    naive_idx = slow_idx if args.quick else list(range(0, len(jobs), 4))
     slow = [jobs[i] for i in slow_idx]
     print(f"{len(lines)} records from {args.records.name}; model loaded in {load_s:.1f} s; "
           f"{args.threads} torch threads", file=sys.stderr)
@@ -252,7 +267,7 @@ def main() -> None:
     runs = Runs(meter)
     outputs: list[dict] = []
     lengths: list[int] = []
-    slow_set = set(slow_idx)
+    slow_set, naive_set = set(slow_idx), set(naive_idx)
     naive_own = 0  # tokens the naive aligner's own segmentation has
     for start in range(0, len(jobs), CHUNK):
         idx = list(range(start, min(start + CHUNK, len(jobs))))
@@ -264,12 +279,15 @@ def main() -> None:
             gen = runs.run("generate", lambda: regenerate(ref, [jobs[i] for i in sidx],
                                                           [lengths[i] for i in sidx]))
             assert [len(t) for t in gen] == [max(1, lengths[i]) for i in sidx]
-            naive_own += sum(runs.run("naive", lambda: naive(ref, [jobs[i] for i in sidx])))
+        nidx = [i for i in idx if i in naive_set]
+        if nidx:
+            naive_own += sum(runs.run("naive", lambda: naive(ref, [jobs[i] for i in nidx])))
         print(f"records {idx[-1] + 1}/{len(jobs)}: " + ", ".join(
             f"{k} {v['wall_s']:.1f} s" for k, v in runs.paths.items()), file=sys.stderr)
 
     tokens = sum(lengths)
     slow_tokens = sum(lengths[i] for i in slow_idx)
+    naive_tokens = sum(lengths[i] for i in naive_idx)
     passes = [o["metrics"]["alignment"]["forward_passes"] for o in outputs]
     canonical = sum(len(ref.canonical_ids(r["response"])) for r, _, _ in jobs)
     paths = {
@@ -279,7 +297,7 @@ def main() -> None:
                                answers_with_branches=sum(o["metrics"]["alignment"]["branches"] > 0
                                                          for o in outputs)),
         "generate": path_result(runs.paths["generate"], len(slow), slow_tokens),
-        "naive": path_result(runs.paths["naive"], len(slow), slow_tokens, naive_own_tokens=naive_own),
+        "naive": path_result(runs.paths["naive"], len(naive_idx), naive_tokens, naive_own_tokens=naive_own),
         "forward": path_result(runs.paths["forward"], len(jobs), tokens, canonical_tokens=canonical),
     }
     rate = {k: v["tokens_per_s"] for k, v in paths.items()}
@@ -300,12 +318,13 @@ def main() -> None:
     result = {
         "benchmark": "scoring_speed",
         "command": "python benchmarks/scoring_speed.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+                   + (f", {torch.cuda.get_device_name()}" if ref.device.startswith("cuda") else ""),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "model": f"{MODEL} ({ref.spec.dtype}, {ref.device})", "model_load_s": round(load_s, 1),
         "records_file": str(args.records.relative_to(ROOT) if args.records.is_relative_to(ROOT) else args.records),
         "records": len(jobs), "subset": "every 10th record" if args.quick else "all",
-        "generate_and_naive_records": len(slow),
+        "generate_records": len(slow), "naive_records": len(naive_idx),
         "tokens_definition": "answer tokens scored: the aligned token count of each answer "
                              "(implied whitespace tokens included, prompt tokens never)",
         "paths": paths, **ratios, "aligned_time": where,

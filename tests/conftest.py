@@ -20,8 +20,12 @@ from validator.registry import Registry  # noqa: E402
 from validator.scoring import Tolerances  # noqa: E402
 
 MODEL = "smollm2-135m"
-HONEST_PROMPTS = 40  # x (greedy + sampled) x 4 honest hosts = 320 honest answers
-CHEAT_ANSWERS = 20
+HONEST_PROMPTS = 38  # x (greedy + sampled) x 4 honest hosts = 304 honest answers
+CHEAT_ANSWERS = 20  # every cheat must be caught within this many answers
+# Cheats that need a model to answer get fewer: each was caught within 2 (README,
+# detection table), and generating answers is most of the test run's time. Truncated
+# and replayed answers come free from the honest ones and keep all 20.
+GENERATED_CHEAT_ANSWERS = 12
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +68,11 @@ def honest_records(hosts, probes) -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def cheat_records(hosts, probes, honest_records) -> dict[str, list[dict]]:
     # Probes alternate greedy and sampled; greedy-when-sampling answers only sampled ones.
-    subset = {"cheat-greedy-when-sampling": probes[: 2 * CHEAT_ANSWERS],
+    subset = {"cheat-greedy-when-sampling": probes[: 2 * GENERATED_CHEAT_ANSWERS],
               "cheat-truncated": probes, "cheat-replayed": probes}
-    return {name: hosts.records(name, subset.get(name, probes[:CHEAT_ANSWERS]))[:CHEAT_ANSWERS]
-            for name in HostFactory.CHEATS}
+    count = {"cheat-truncated": CHEAT_ANSWERS, "cheat-replayed": CHEAT_ANSWERS}
+    return {name: hosts.records(name, subset.get(name, probes[:GENERATED_CHEAT_ANSWERS]))
+            [:count.get(name, GENERATED_CHEAT_ANSWERS)] for name in HostFactory.CHEATS}
 
 
 # PostgreSQL is part of this project's environment (CI's machine runs it), so a missing

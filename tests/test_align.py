@@ -70,3 +70,52 @@ def test_hostile_text_bounded_work(ref):
             t.encode("utf-8", "surrogatepass").strip()
     # special-token strings in an answer are text, never the control tokens themselves
     assert not set(als[2].tokens) & set(ref.eos_ids)
+
+
+def test_proposals_reuse_the_prefix_and_change_nothing(ref, honest_records, cheat_records):
+    """Proposal passes continue from the current path's keys and values and run only the
+    compared stretch: the alignments (tokens, log-probs, features) are those of full
+    recomputation, with fewer decoder positions."""
+    records = (honest_records["honest-llama.cpp"][:12] + cheat_records["cheat-other-model"][:6]
+               + cheat_records["cheat-hotter"][:6])
+    items = [AlignItem(ref.prompt_ids(r["messages"]), r["response"], Settings.from_configs(r["configs"]))
+             for r in records]
+    positions = [0]
+
+    def count(module, args, kwargs):
+        positions[0] += int(kwargs["input_ids"].numel())
+
+    hook = ref.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    runs = {}
+    try:
+        for reuse in (False, True):
+            ref.reuse_past, positions[0] = reuse, 0
+            runs[reuse] = (Aligner(ref).align(items), positions[0])
+    finally:
+        hook.remove()
+        ref.reuse_past = True
+    (full, full_positions), (reused, reused_positions) = runs[False], runs[True]
+    assert sum(al.branches for al in full) > 0, "no proposal was made: nothing compared"
+    assert reused_positions < 0.8 * full_positions, (reused_positions, full_positions)
+    for a, b in zip(full, reused):
+        assert a.tokens == b.tokens and a.implied == b.implied and a.branches == b.branches
+        np.testing.assert_allclose(a.token_logp, b.token_logp, atol=1e-3)
+        np.testing.assert_allclose(a.feats.max_logp, b.feats.max_logp, atol=1e-3)
+        assert abs(a.eos_logp - b.eos_logp) < 1e-3
+
+
+def test_a_past_longer_than_the_shared_prefix_is_refused(ref):
+    prompt = ref.prompt_ids([{"role": "user", "content": "Name a colour."}])
+    path = ref.canonical_ids("Blue is a colour.")
+    item = (prompt, path, [[t] for t in path] + [ref.eos_ids], Settings(temperature=0.0), 2)
+    _, pasts = ref.score_paths([item], keep_past=True)
+    assert pasts[0].length == len(prompt) + len(path)
+    ok, _ = ref.score_paths([item], pasts=[pasts[0].upto(len(prompt) + 1)])
+    whole, _ = ref.score_paths([item])
+    np.testing.assert_allclose(ok[0].cand_logp, whole[0].cand_logp, atol=1e-3)
+    try:
+        ref.score_paths([item], pasts=[pasts[0].upto(len(prompt) + 2)])
+    except ValueError as exc:
+        assert "past" in str(exc)
+    else:
+        raise AssertionError("a past covering the position that predicts the first wanted step was accepted")

@@ -60,7 +60,7 @@ def test_honest_hosts_cover_greedy_sampled_and_stripped(honest_records):
     "cheat-truncated", "cheat-replayed"])
 def test_cheat_flagged_within_20_answers(cheat, cheat_records, registry, ref):
     records = cheat_records[cheat]
-    assert len(records) == CHEAT_ANSWERS
+    assert 12 <= len(records) <= CHEAT_ANSWERS
     lines, hosts = _audit(records, registry, ref)
     assert hosts[cheat]["verdict"] == "dishonest", (hosts[cheat], [l["reasons"] for l in lines][:5])
     # The first prefix of answers at which the host verdict turns dishonest.

@@ -332,6 +332,9 @@ def test_stream_and_plain_answers_are_the_same_text(model_network):
     assert any("\n\n" in plain.text for plain, _ in pairs), "no answer held a blank line"
 
 
+# Slow (about 70 s): the same strategies are refereed through the daemon by
+# tests/test_demo.py (a subset) and benchmarks/detection.py (all of them); `make test-slow`.
+@pytest.mark.slow
 def test_simulated_hosts_pass_or_fail_audit(model_network, registry, ref):
     """Every model-backed strategy answers probes through the client; `validator audit`'s
     scorer finds the honest hosts honest and every cheat dishonest."""

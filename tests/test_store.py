@@ -20,7 +20,7 @@ from validator.store import (
 )
 
 TABLES = {"hosts", "probes", "dispatches", "scores", "host_rounds", "reputation_events",
-          "feedback", "validators", "alembic_version"}
+          "feedback", "validators", "api_tokens", "alembic_version"}
 
 
 @pytest.fixture(scope="session")

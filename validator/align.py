@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .reference import ReferenceModel, StepFeatures
+from .reference import Past, ReferenceModel, StepFeatures
 from .sampling import Settings
 
 OUTSIDE_SUPPORT_PENALTY = 30.0  # nats; keeps out-of-support tokens ordered but unattractive
@@ -89,6 +89,8 @@ class _State:
     reject_budget: int = 0
     done: bool = False
     lead_implied: int = 0
+    past: Past | None = None  # keys and values of prompt + path, while proposals may come
+    complete_from: int = 0  # > 0: the path's features stop here; the next pass adds the rest
 
 
 def measure(feats: StepFeatures, step: int, columns: np.ndarray | slice, settings: Settings,
@@ -122,32 +124,56 @@ class Aligner:
             states.append(_State(item=item, data=data, path=path))
         need = list(states)
         while need:
-            # A proposal shares the current path's steps before the branch point, so
-            # only the steps from there on are reduced.
-            feats = self.ref.step_features([
-                (s.item.prompt, (s.pending or s.path).tokens, (s.pending or s.path).cands,
-                 s.item.settings, s.pending_step if s.pending else 0)
-                for s in need])
-            for s, f in zip(need, feats):
+            feats, pasts = self.ref.score_paths([self._request(s) for s in need],
+                                                pasts=[self._request_past(s) for s in need], keep_past=True)
+            for s, f, past in zip(need, feats, pasts):
                 s.passes += 1
-                if s.pending is None:
+                if s.pending is not None:
+                    s.pending.feats = s.path.feats.spliced(s.pending_step, f)
+                    self._resolve(s, past)
+                elif s.complete_from:
+                    s.path.feats = s.path.feats.spliced(s.complete_from, f)
+                    s.past, s.complete_from = past, 0
+                else:
                     s.path.feats = f
+                    s.past = past
                     # Far more suspicious tokens than segmentation artefacts ever explain:
                     # the answer is off, and re-segmenting it would only cost passes.
                     troubled = sum(self._troubled(f, i, s.item) for i in range(len(s.path.tokens)))
                     s.done = troubled > max(MAX_TROUBLED, TROUBLED_SHARE * len(s.path.tokens))
                     # One or two suspicious tokens look like an artefact: try harder there.
                     s.reject_budget = MAX_REJECTED + 3 if troubled <= 2 else MAX_REJECTED
-                else:
-                    s.pending.feats = s.path.feats.spliced(s.pending_step, f)
-                    self._resolve(s)
             need = []
             for s in states:
-                if not s.done:
+                if not s.done and not s.complete_from:
                     self._walk(s)
-                    if s.pending is not None:
-                        need.append(s)
+                if s.pending is not None or s.complete_from:
+                    need.append(s)
+                else:
+                    s.past = None  # free what no proposal needs
+
         return [self._result(s) for s in states]
+
+    @staticmethod
+    def _request(s: _State) -> tuple:
+        """What the next pass computes for a state. A proposal shares the current path's
+        steps before the branch point and is compared only up to where the two paths
+        rejoin, so the pass computes just that stretch; a kept proposal's later steps come
+        in the next pass (most proposals lose, and their tails would be wasted)."""
+        if s.pending is not None:
+            stop = s.compare[0]
+            return (s.item.prompt, s.pending.tokens[: stop - 1], s.pending.cands[:stop],
+                    s.item.settings, s.pending_step)
+        return (s.item.prompt, s.path.tokens, s.path.cands, s.item.settings, s.complete_from)
+
+    @staticmethod
+    def _request_past(s: _State) -> Past | None:
+        """The positions before the one that predicts the first requested step are the
+        current path's (prompt + shared prefix): their keys and values are reused."""
+        if s.past is None or (s.pending is None and not s.complete_from):
+            return None
+        first = s.pending_step if s.pending is not None else s.complete_from
+        return s.past.upto(len(s.item.prompt) - 1 + first)
 
     # -- paths -----------------------------------------------------------------------
     def _canonical(self, data: bytes) -> list[int]:
@@ -315,12 +341,14 @@ class Aligner:
         s.compare = (i + 1 + len(fill) + 1, rejoin + 1)
         s.branches += 1
 
-    def _resolve(self, s: _State) -> None:
+    def _resolve(self, s: _State, past: Past | None) -> None:
         """Keep the path that explains the differing stretch of text at lower cost."""
         i = s.pending_step
         new_stop, old_stop = s.compare
         if self._cost(s.pending, i, new_stop, s.item) < self._cost(s.path, i, old_stop, s.item):
-            s.path = s.pending
+            s.path, s.past = s.pending, past
+            if new_stop <= len(s.path.tokens):
+                s.complete_from = new_stop  # its steps from here on come in the next pass
         else:
             s.rejected += 1
         s.pending = None

@@ -185,11 +185,12 @@ def _when(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
-def host_rows(store) -> list[dict]:
-    """`validator hosts list --json` objects (also what `validator demo --json` prints)."""
+def host_rows(store, include_removed: bool = False) -> list[dict]:
+    """`validator hosts list --json` objects (also what `validator demo --json` prints
+    and the REST API's /api/hosts serves)."""
     stats = store.host_stats()
     out = []
-    for h in store.list_hosts():
+    for h in store.list_hosts(include_removed=include_removed):
         st = stats.get(h["name"], {})
         out.append({"host": h["name"], "state": h["state"], "score": h["score"],
                     "probes": st.get("answered", 0),  # sent and recorded, answered or not
@@ -571,6 +572,149 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
     err.print(f"{n_rounds} rounds, {progress.sent} probes, {progress.scored} answers scored in "
               f"{time.perf_counter() - t0:.0f} s. The database is {db}:\n"
               f"  validator hosts list --db {db}\n  validator hosts show cheat-other-model --db {db}")
+
+
+@app.command()
+def bench(
+    suite: Optional[Path] = typer.Argument(None, help="Suite YAML (examples in configs/suites/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results and reports go here; the same "
+                                       "--out resumes an interrupted run (default bench-out/SUITE)."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="NAME=URL,NAME=URL: replaces the suite's hosts."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts per prompt set."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap every settings cell's max_tokens."),
+    context_scale: Optional[float] = typer.Option(None, "--context-scale",
+                                                  help="Multiply every prompt set's context_words."),
+    retry_errors: bool = typer.Option(False, "--retry-errors",
+                                      help="Send probes again whose recorded result is an error."),
+    compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", metavar="A.json B.json",
+                                                        help="Show what changed between two reports."),
+    as_json: bool = typer.Option(False, "--json", help="With --compare: print the comparison as JSON."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
+):
+    """Run a research benchmark suite against hosts and write report.json/.md/.html."""
+    if compare and any(compare):
+        from .bench.compare import ReportError, compare as diff, load_report, print_comparison
+
+        try:
+            result = diff(load_report(compare[0]), load_report(compare[1]))
+        except ReportError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        if as_json:
+            print(json.dumps(result, indent=1))
+        else:
+            print_comparison(result, compare[0], compare[1], Console(width=None if sys.stdout.isatty() else 160))
+        return
+    if suite is None:
+        typer.echo("error: give a suite file, or --compare A.json B.json", err=True)
+        raise typer.Exit(2)
+    from .bench.report import host_table
+    from .bench.runner import Interrupted, run_bench
+    from .bench.suite import SuiteError
+    from .registry import Registry
+
+    target = out or Path("bench-out") / suite.stem
+    try:
+        result = run_bench(suite, target, hosts=hosts, limit=limit, max_tokens=max_tokens,
+                           context_scale=context_scale, retry_errors=retry_errors, registry=Registry.load(models) if models else None,
+                           log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    except SuiteError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except Interrupted:
+        typer.echo(f"interrupted: every recorded result is kept in {target}; run the same command "
+                   "again to resume", err=True)
+        raise typer.Exit(130)
+    head, rows = host_table(result.report)
+    table = Table(title=f"{result.report['suite']['name']}: {result.sent} probes sent, "
+                        f"{result.skipped} already recorded, {result.scored} scored")
+    for col in head:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    err.print(f"reports: {target / 'report.html'}, {target / 'report.md'}, {target / 'report.json'}",
+              highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------ the web server (REST API, dashboard)
+
+tokens_app = typer.Typer(help="API tokens of `validator serve`: create, list, revoke.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@app.command()
+def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
+          host: Optional[str] = typer.Option(None, "--host", help="Bind address (default: the config's serve.host)."),
+          port: Optional[int] = typer.Option(None, "--port", "-p", help="Port (default: the config's serve.port)."),
+          public_reads: Optional[bool] = typer.Option(None, "--public-reads/--private-reads",
+                                                      help="Reads without a token (default: the config's).")):
+    """REST API (OpenAPI docs at /docs), dashboard (/hosts), /metrics and POST /validator/v1/llm."""
+    import uvicorn
+
+    from .registry import Registry
+    from .reputation import ReputationConfig
+    from .web.app import create_app
+
+    cfg = _config(config)
+    overrides = {k: v for k, v in {"host": host, "port": port, "public_reads": public_reads}.items()
+                 if v is not None}
+    settings = cfg.serve.model_copy(update=overrides)
+    try:
+        reputation = ReputationConfig.from_dict(cfg.reputation)
+        registry = Registry.load(cfg.models)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    store = _open_store(config, db)
+    app_ = create_app(store, settings, registry=registry, reputation=reputation)
+    err.print(f"serving {store.url} on http://{settings.host}:{settings.port}: dashboard /hosts, "
+              f"API docs /docs, metrics /metrics ({'public' if settings.public_reads else 'token'} reads)",
+              highlight=False)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info", access_log=False)
+
+
+@tokens_app.command("create")
+def tokens_create(role: str = typer.Option(..., "--role", help="admin (reads and writes) or reader (reads only)."),
+                  name: Optional[str] = typer.Option(None, "--name", help="Who uses it (shown in lists and "
+                                                     "recorded with admin actions); default: the role."),
+                  config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Create a token and print it once (only its SHA-256 is stored)."""
+    from .store import API_ROLES
+    from .web.auth import create_token
+
+    if role not in API_ROLES:
+        raise typer.BadParameter(f"one of {', '.join(API_ROLES)}", param_hint="--role")
+    store = _open_store(config, db, create=True)
+    secret, row = create_token(store, role, name or role)
+    err.print(f"token {row['id']} ({row['name']}, {role}); it is shown only now, keep it:")
+    print(secret)
+
+
+@tokens_app.command("list")
+def tokens_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
+                as_json: bool = typer.Option(False, "--json")):
+    """Every token (never the secrets): id, name, role, created, revoked."""
+    store = _open_store(config, db)
+    rows = [{k: t[k] for k in ("id", "name", "role", "created_at", "revoked_at")} for t in store.api_tokens()]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table()
+    for col in ("id", "name", "role", "created", "revoked"):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(str(t["id"]), t["name"], t["role"], _when(t["created_at"]), _when(t["revoked_at"]))
+    Console().print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: int = typer.Argument(..., help="The token's id (`validator tokens list`)."),
+                  config: Optional[Path] = CONFIG, db: Optional[str] = DB):
+    """Revoke a token: requests with it get 401 from then on."""
+    store = _open_store(config, db)
+    if not store.revoke_api_token(token_id):
+        raise typer.BadParameter(f"no live token with id {token_id}")
+    err.print(f"token {token_id} revoked")
 
 
 @app.command("models")

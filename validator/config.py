@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .client import Timeouts
 from .registry import REPO_ROOT
@@ -49,6 +49,39 @@ class ClientConfig(_Strict):
                         max_bytes=self.max_bytes, retries=self.retries)
 
 
+class LlmWeights(_Strict):
+    """Weights of the /validator/v1/llm components (a pair's score is the weighted mean of
+    the components it has; the network's methodology weighs cosine similarity, an LLM
+    judge and human feedback equally)."""
+    cosine: float = Field(0.25, ge=0)  # response vs ground truth, sentence embeddings
+    judge: float = Field(0.25, ge=0)  # the reference model's p-value for the response
+    feedback: float = Field(0.25, ge=0)  # stored human ratings of the named host
+    reference_similarity: float = Field(0.0, ge=0)  # response vs the reference's own answer (reported)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LlmWeights":
+        if not any(self.model_dump().values()):
+            raise ValueError("the llm weights must not all be 0")
+        return self
+
+
+class LlmEndpointConfig(_Strict):
+    model: str | None = None  # registry name when a request names none (default smollm2-135m)
+    public: bool = False  # callable without a token (the network's own example sends none)
+    rerun: bool = True  # generate the reference's own answer (reference_similarity)
+    max_pairs: int = Field(64, ge=1)  # pairs per request
+    max_chars: int = Field(20_000, ge=1)  # per prompt, response or ground truth
+    max_tokens: int = Field(1024, ge=1)  # largest configs.max_tokens accepted (bounds the re-run)
+    weights: LlmWeights = LlmWeights()
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"  # bind address of `validator serve`
+    port: int = Field(8080, ge=0, le=65535)
+    public_reads: bool = False  # API reads, dashboard and /metrics without a token
+    llm: LlmEndpointConfig = LlmEndpointConfig()
+
+
 class HostEntry(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     url: str
@@ -69,6 +102,7 @@ class ValidatorConfig(_Strict):
     client: ClientConfig = ClientConfig()
     reputation: dict = Field(default_factory=dict)  # validator.reputation.ReputationConfig keys
     hosts: list[HostEntry] = Field(default_factory=list)  # added to the database at start
+    serve: ServeConfig = ServeConfig()  # `validator serve`: REST API, dashboard, /metrics
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "ValidatorConfig":

@@ -7,6 +7,7 @@ reduced on the device to the few numbers per step the aligner and the tests need
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -56,6 +57,11 @@ class StepFeatures:
             head = head.spliced(len(head.max_logp), tail)
         return head
 
+    def rows(self, start: int, stop: int) -> "StepFeatures":
+        """Steps [start, stop) (features of several paths are reduced together, then split)."""
+        return StepFeatures(**{name: None if getattr(self, name) is None else getattr(self, name)[start:stop]
+                               for name in self.__dataclass_fields__})
+
     def spliced(self, steps: int, tail: "StepFeatures") -> "StepFeatures":
         """This path's first `steps` steps followed by `tail` (features of another path
         that shares those first steps and was scored from there on)."""
@@ -74,12 +80,38 @@ class StepFeatures:
         return StepFeatures(**out)
 
 
+@dataclass
+class Past:
+    """Keys and values of one sequence's positions [0, length), per decoder layer: a
+    proposal that shares a prefix with a scored path runs only the positions after it
+    (the prompt is most of a scored sequence, and the aligner's proposals re-ran it)."""
+
+    keys: list[torch.Tensor]  # per layer [kv heads, length, head dim]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def upto(self, n: int) -> "Past":
+        return Past([k[:, :n] for k in self.keys], [v[:, :n] for v in self.values])
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
 class ReferenceModel:
     def __init__(self, spec: ModelSpec, model, tokenizer, device: str):
         self.spec = spec
-        self.model = model
         self.tokenizer = tokenizer
-        self.device = device
+        self.bind(model, device)
         eos = set()
         for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(source, int):
@@ -92,10 +124,27 @@ class ReferenceModel:
         self.table = TokenTable(tokenizer, self.eos_ids)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.max_batch_tokens = 8192 if device == "cpu" else 65536
-        self.lock = threading.Lock()  # one forward at a time per model
         self.reruns: dict[str, str] = {}  # probe key -> the reference's own answer
+
+    def bind(self, model, device: str) -> None:
+        """What teacher-forced scoring needs of the model alone (benchmarks/gpu_scoring.py
+        scores with a bare model and no tokenizer through this)."""
+        self.model = model
+        self.device = device
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.max_batch_tokens = 8192 if device == "cpu" else 65536
+        # Prefix reuse needs every layer to attend to every earlier position (a sliding
+        # window cache would drop what a proposal needs); other models recompute.
+        self.reuse_past = (not getattr(config, "sliding_window", None)
+                           and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ()))
+        # Keys and values kept for proposals, per call of score_paths; rows past this budget
+        # are recomputed in full instead.
+        self.max_past_bytes = 4 << 30
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated).
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.lock = threading.Lock()  # one forward at a time per model
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "ReferenceModel":
@@ -129,7 +178,6 @@ class ReferenceModel:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- teacher-forced scoring ------------------------------------------------------
-    @torch.inference_mode()
     def step_features(
         self,
         items: Sequence[tuple[list[int], list[int], list[list[int]], Settings, int]],
@@ -139,36 +187,84 @@ class ReferenceModel:
 
         Sequences are packed into batches by length; each batch is one forward pass.
         """
-        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        return self.score_paths(items)[0]
+
+    @torch.inference_mode()
+    def score_paths(
+        self,
+        items: Sequence[tuple[list[int], list[int], list[list[int]], Settings, int]],
+        pasts: Sequence[Past | None] | None = None,
+        keep_past: bool = False,
+    ) -> tuple[list[StepFeatures], list[Past | None]]:
+        """step_features, optionally continuing each sequence from a Past that holds its
+        first positions (at most up to the position that predicts the first wanted step),
+        and optionally returning each sequence's Past over all of its positions (None
+        where the model cannot reuse one or the memory budget is spent)."""
+        pasts = list(pasts) if pasts is not None and self.reuse_past else [None] * len(items)
+        keep_past = keep_past and self.reuse_past
+        for (prompt, _, _, _, first), past in zip(items, pasts):
+            if past is not None and past.length > len(prompt) - 1 + first:
+                raise ValueError("a past must end before the position that predicts the first wanted step")
+
+        def new_tokens(i: int) -> int:
+            return len(items[i][0]) + len(items[i][1]) - (pasts[i].length if pasts[i] else 0)
+
+        order = sorted(range(len(items)), key=new_tokens)
         out: list[StepFeatures | None] = [None] * len(items)
+        kept: list[Past | None] = [None] * len(items)
+        budget = [self.max_past_bytes if keep_past else 0]
         batch: list[int] = []
         for idx in order:
-            longest = len(items[idx][0]) + len(items[idx][1])
-            if batch and longest * (len(batch) + 1) > self.max_batch_tokens:
-                self._run_batch(items, batch, out)
+            if batch and new_tokens(idx) * (len(batch) + 1) > self.max_batch_tokens:
+                self._run_batch(items, batch, out, pasts, kept, budget)
                 batch = []
             batch.append(idx)
         if batch:
-            self._run_batch(items, batch, out)
-        return out  # type: ignore[return-value]
+            self._run_batch(items, batch, out, pasts, kept, budget)
+        return out, kept  # type: ignore[return-value]
 
-    def _run_batch(self, items, batch: list[int], out: list) -> None:
+    def _run_batch(self, items, batch: list[int], out: list, pasts: list | None = None,
+                   kept: list | None = None, budget: list | None = None) -> None:
+        pasts = pasts or [None] * len(items)
         seqs = [items[i][0] + items[i][1] for i in batch]
-        width = max(len(s) for s in seqs)
+        held = [pasts[i].length if pasts[i] is not None else 0 for i in batch]
+        before = max(held)  # past positions, left-padded to a common length
+        width = max(len(s) - h for s, h in zip(seqs, held))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        mask = torch.zeros((len(seqs), before + width), dtype=torch.long)
+        positions = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (s, h) in enumerate(zip(seqs, held)):
+            ids[row, : len(s) - h] = torch.tensor(s[h:])
+            mask[row, before - h : before + len(s) - h] = 1
+            positions[row] = torch.arange(h, h + width)
+        cache = self._batched_cache([pasts[i] for i in batch], before) if before else None
+        keep = bool(budget and budget[0] > 0)
         with self.lock:
-            hidden = self.model.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).last_hidden_state
+            res = self.model.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), use_cache=keep, **{self._cache_arg: cache})
+            hidden = res.last_hidden_state
+            if keep:
+                layers = _cache_layers(getattr(res, self._cache_arg))
+                for row, (idx, s, h) in enumerate(zip(batch, seqs, held)):
+                    past = Past([k[row, :, before - h : before + len(s) - h] for k, _ in layers],
+                                [v[row, :, before - h : before + len(s) - h] for _, v in layers])
+                    if past.nbytes <= budget[0]:
+                        budget[0] -= past.nbytes
+                        kept[idx] = past
+            # Rows whose settings reduce alike share one LM head and one reduction: one
+            # large matmul instead of one per row (the per-row launches dominated on a GPU).
+            groups: dict[tuple, list[tuple[int, int, int, int]]] = {}
+            for row, (idx, skipped) in enumerate(zip(batch, held)):
+                prompt, path, _, settings, first = items[idx]
+                start = len(prompt) - 1 - skipped  # row position whose output predicts path[0]
+                key = (True,) if settings.greedy else (settings.temperature, settings.top_k, settings.top_p)
+                groups.setdefault(key, []).append((row, idx, start + first, start + len(path) + 1))
             head = self.model.get_output_embeddings()
-            for row, idx in enumerate(batch):
-                prompt, path, cands, settings, first = items[idx]
-                start = len(prompt) - 1  # position whose output predicts path[0]
-                h = hidden[row, start + first : start + len(path) + 1]
+            for members in groups.values():
+                settings = items[members[0][1]][3]
+                h = torch.cat([hidden[row, a:b] for row, _, a, b in members])
+                cands = [c for _, idx, _, _ in members for c in items[idx][2][items[idx][4]:]]
                 parts = []
                 # Steps in slices: [steps, vocab] logits of a 262k vocabulary add up fast.
                 for a in range(0, h.shape[0], _STEP_SLICE):
@@ -176,8 +272,30 @@ class ReferenceModel:
                     if self.softcap:
                         logits = torch.tanh(logits / self.softcap) * self.softcap
                     parts.append(self._reduce(torch.log_softmax(logits, dim=-1),
-                                              cands[first + a : first + a + _STEP_SLICE], settings))
-                out[idx] = parts[0] if len(parts) == 1 else StepFeatures.concat(parts)
+                                              cands[a : a + _STEP_SLICE], settings))
+                feats = parts[0] if len(parts) == 1 else StepFeatures.concat(parts)
+                offset = 0
+                for _, idx, a, b in members:
+                    out[idx] = feats.rows(offset, offset + b - a)
+                    offset += b - a
+
+    def _batched_cache(self, pasts: list[Past | None], length: int):
+        """One cache for a batch: each row's past right-aligned to `length` positions
+        (the attention mask hides the padding on the left)."""
+        from transformers import DynamicCache
+
+        some = next(p for p in pasts if p is not None)
+        cache = DynamicCache()
+        for layer in range(len(some.keys)):
+            shape = (len(pasts), some.keys[layer].shape[0], length, some.keys[layer].shape[2])
+            keys = some.keys[layer].new_zeros(shape)
+            values = some.values[layer].new_zeros(shape)
+            for row, past in enumerate(pasts):
+                if past is not None and past.length:
+                    keys[row, :, length - past.length :] = past.keys[layer]
+                    values[row, :, length - past.length :] = past.values[layer]
+            cache.update(keys, values, layer)
+        return cache
 
     def _reduce(self, logp: torch.Tensor, cands: list[list[int]], settings: Settings) -> StepFeatures:
         steps = logp.shape[0]
@@ -285,8 +403,8 @@ class ReferenceModel:
         with self.lock:
             for step in range(limit):
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-                cache = res.past_key_values
+                                 use_cache=True, **{self._cache_arg: cache})
+                cache = getattr(res, self._cache_arg)
                 logits = res.logits[:, -1, :].float()
                 nxt = []
                 for row in range(n):

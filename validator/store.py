@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # validator.client imports torch (via sampling): keep this mo
 
 STATES = ("new", "trusted", "probation", "flagged", "disabled")
 VERDICTS = ("pass", "fail", "inconclusive", "error")
+API_ROLES = ("admin", "reader")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _MIGRATION_LOCK = 0x76616C64  # pg_advisory_xact_lock key serialising concurrent upgrades
 
@@ -221,6 +222,20 @@ class ValidatorInstance(Base):
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
     stopped_at: Mapped[datetime | None]
+
+
+class ApiToken(Base):
+    """A bearer token of `validator serve`: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(f"role IN ({_in(API_ROLES)})", name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    revoked_at: Mapped[datetime | None]
 
 
 def row(obj: Base | None) -> dict[str, Any] | None:
@@ -574,16 +589,20 @@ class Store:
         with self.session() as s:
             return self._insert_new(s, Score, values, "probe_id")
 
+    @staticmethod
+    def _answers(host_id: int):
+        """SELECT (Probe, Dispatch, Score or None) of a host's answers, newest first."""
+        return (select(Probe, Dispatch, Score)
+                .join(Dispatch, Dispatch.probe_id == Probe.id)
+                .outerjoin(Score, Score.probe_id == Probe.id)
+                .where(Probe.host_id == host_id)
+                .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()))
+
     def host_scores(self, host: str, limit: int | None = None) -> list[dict]:
         """A host's answers, newest first: {"probe", "dispatch", "score"} dicts, "score"
         None where not scored (failed calls are never scored)."""
         with self.session(readonly=True) as s:
-            host_id = self._host(s, host).id
-            stmt = (select(Probe, Dispatch, Score)
-                    .join(Dispatch, Dispatch.probe_id == Probe.id)
-                    .outerjoin(Score, Score.probe_id == Probe.id)
-                    .where(Probe.host_id == host_id)
-                    .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()).limit(limit))
+            stmt = self._answers(self._host(s, host).id).limit(limit)
             return [{"probe": row(p), "dispatch": row(d), "score": row(sc)}
                     for p, d, sc in s.execute(stmt)]
 
@@ -682,3 +701,96 @@ class Store:
                     .where(Probe.host_id == host_id)
                     .order_by(Feedback.at.desc(), Feedback.id.desc()))
             return [row(f) for f in s.scalars(stmt)]
+
+    # -- API tokens (`validator serve`)
+
+    def add_api_token(self, name: str, role: str, token_hash: str) -> dict:
+        """Store a token by the hash of its secret (the secret itself is never stored)."""
+        if role not in API_ROLES:
+            raise ValueError(f"unknown role {role!r}; one of {', '.join(API_ROLES)}")
+        with self.session() as s:
+            token = ApiToken(name=name, role=role, token_hash=token_hash, created_at=_now())
+            s.add(token)
+            s.flush()
+            return row(token)
+
+    def api_token(self, token_hash: str) -> dict | None:
+        """The live (not revoked) token with this hash, None if there is none."""
+        with self.session(readonly=True) as s:
+            return row(s.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash,
+                                                       ApiToken.revoked_at.is_(None))))
+
+    def api_tokens(self) -> list[dict]:
+        """Every token, revoked ones too, oldest first."""
+        with self.session(readonly=True) as s:
+            return [row(t) for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+    def revoke_api_token(self, token_id: int) -> bool:
+        """Revoke a token; False if there is no live token with this id."""
+        with self.session() as s:
+            stmt = (update(ApiToken.__table__)
+                    .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=_now()))
+            return s.execute(stmt).rowcount == 1
+
+    # -- reads for the web server
+
+    def host_history(self, host: str, *, limit: int, offset: int = 0, verdict: str | None = None,
+                     failed: bool | None = None) -> tuple[int, list[dict]]:
+        """A page of a host's answers as `host_scores` gives them (newest first) and how
+        many answers match in all. `verdict`: one of VERDICTS, or "unscored" (answered,
+        no score yet); `failed`: only failed calls (True) or only answered ones (False)."""
+        if verdict is not None and verdict not in (*VERDICTS, "unscored"):
+            raise ValueError(f"unknown verdict {verdict!r}; one of {', '.join(VERDICTS)}, unscored")
+        with self.session(readonly=True) as s:
+            stmt = self._answers(self._host(s, host).id)
+            if verdict == "unscored":
+                stmt = stmt.where(Dispatch.ok.is_(True), Score.id.is_(None))
+            elif verdict is not None:
+                stmt = stmt.where(Score.verdict == verdict)
+            if failed is not None:
+                stmt = stmt.where(Dispatch.ok.is_(not failed))
+            total = s.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+            page = s.execute(stmt.limit(limit).offset(offset))
+            return total, [{"probe": row(p), "dispatch": row(d), "score": row(sc)} for p, d, sc in page]
+
+    def probe_detail(self, probe_id: str) -> dict | None:
+        """One probe with everything recorded about it: {"probe" (with "host" and the
+        host's "model"), "dispatch", "score" (each None if absent), "feedback" (list)};
+        None if the probe is unknown."""
+        with self.session(readonly=True) as s:
+            found = s.execute(select(Probe, Host.name, Host.model, Dispatch, Score)
+                              .join(Host, Probe.host_id == Host.id)
+                              .outerjoin(Dispatch, Dispatch.probe_id == Probe.id)
+                              .outerjoin(Score, Score.probe_id == Probe.id)
+                              .where(Probe.id == probe_id)).first()
+            if found is None:
+                return None
+            p, host, model, d, sc = found
+            feedback = s.scalars(select(Feedback).where(Feedback.probe_id == probe_id)
+                                 .order_by(Feedback.at.desc(), Feedback.id.desc()))
+            return {"probe": {**row(p), "host": host, "model": model}, "dispatch": row(d),
+                    "score": row(sc), "feedback": [row(f) for f in feedback]}
+
+    def dispatch_counts(self) -> list[tuple[str, str | None, int]]:
+        """(host, error class or None when answered, recorded calls), every host and round."""
+        stmt = (select(Host.name, Dispatch.error, func.count())
+                .join(Probe, Probe.host_id == Host.id).join(Dispatch, Dispatch.probe_id == Probe.id)
+                .group_by(Host.name, Dispatch.error).order_by(Host.name, Dispatch.error))
+        with self.session(readonly=True) as s:
+            return [(host, error, n) for host, error, n in s.execute(stmt)]
+
+    def scoring_latency(self, buckets: list[float]) -> tuple[list[int], float, int]:
+        """Seconds from an answer being stored to its score being stored, over every
+        score, aggregated in the database: (cumulative count at or below each bucket
+        bound, sum, count)."""
+        if self.engine.dialect.name == "sqlite":
+            seconds = (func.julianday(Score.scored_at) - func.julianday(Dispatch.finished_at)) * 86400.0
+        else:
+            seconds = func.extract("epoch", Score.scored_at - Dispatch.finished_at)
+        stmt = (select(func.count(), func.coalesce(func.sum(seconds), 0.0),
+                       *(func.count().filter(seconds <= b) for b in buckets))
+                .select_from(Score).join(Dispatch, Dispatch.probe_id == Score.probe_id))
+        with self.session(readonly=True) as s:
+            count, total, *cumulative = s.execute(stmt).one()
+        return [int(c) for c in cumulative], float(total), int(count)

@@ -1,0 +1,78 @@
+"""The FastAPI app of `validator serve`. The server reads the store and wires stages
+together: data flows probes -> client -> store -> scoring -> reputation elsewhere; here
+only admin actions and feedback write (through the store and validator.reputation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
+from .. import __version__
+from ..config import ServeConfig
+from ..registry import Registry
+from ..reputation import ReputationConfig
+from ..store import Store
+from . import api, dashboard, llm_endpoint, metrics
+from .data import finite
+from .scorer import ModelUnavailable, Scorer
+
+DESCRIPTION = """\
+The referee of a decentralised LLM network: hosts, their reputations and the evidence
+behind every verdict; feedback and host administration; the network's validator
+endpoint (`POST /validator/v1/llm`). Send `Authorization: Bearer <token>` (tokens come
+from `validator tokens create --role admin|reader`): reads need any token unless the
+config makes them public, writes an admin token. The dashboard is at `/hosts`."""
+
+
+@dataclass
+class WebContext:
+    store: Store
+    config: ServeConfig
+    registry: Registry
+    scorer: Scorer
+    reputation: ReputationConfig
+    metrics: CollectorRegistry
+
+
+def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's 422, but safe for any input it echoes: a lone surrogate (valid in JSON
+    escapes, not in UTF-8) is written as an escape and NaN as null, where the default
+    handler fails with a 500."""
+    body = {"detail": finite(jsonable_encoder(exc.errors()))}
+    return Response(json.dumps(body, ensure_ascii=True), status_code=422, media_type="application/json")
+
+
+def create_app(store: Store, config: ServeConfig | None = None, *, registry: Registry | None = None,
+               reputation: ReputationConfig | None = None, models: dict | None = None) -> FastAPI:
+    """The app over `store` (migrated to head by the caller). `models`: reference models
+    already loaded (name -> ReferenceModel), shared instead of loading them again."""
+    registry = registry or Registry.load()
+    app = FastAPI(title="validator", version=__version__, description=DESCRIPTION,
+                  openapi_tags=[{"name": "hosts", "description": "Hosts, their standing and history."},
+                                {"name": "probes", "description": "One probe and its evidence."},
+                                {"name": "admin", "description": "Writes: admin tokens only."},
+                                {"name": "validator", "description": "The network's validator API."},
+                                {"name": "status", "description": "Service state and metrics."}])
+    app.state.web = WebContext(store=store, config=config or ServeConfig(), registry=registry,
+                               scorer=Scorer(registry, models), reputation=reputation or ReputationConfig(),
+                               metrics=metrics.registry_for(store))
+    app.add_exception_handler(ModelUnavailable, _unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.include_router(api.router)
+    app.include_router(llm_endpoint.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=str(Path(__file__).with_name("static"))), name="static")
+    return app
