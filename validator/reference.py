@@ -240,9 +240,10 @@ class ReferenceModel:
         cache = self._batched_cache([pasts[i] for i in batch], before) if before else None
         keep = bool(budget and budget[0] > 0)
         with self.lock:
-            res = self.model.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device), use_cache=keep, **{self._cache_arg: cache})
+            # Without a past the model's own positions (0, 1, ...) are the right ones.
+            extra = {self._cache_arg: cache, "position_ids": positions.to(self.device)} if before else {}
+            res = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   use_cache=keep, **extra)
             hidden = res.last_hidden_state
             if keep:
                 layers = _cache_layers(getattr(res, self._cache_arg))
