@@ -42,9 +42,9 @@ engines and two cheats, written by real models with make_records.py), loaded onc
 reference model (SmolLM2-135M, float32; on the GPU when one is present, else the CPU) is
 loaded once, outside the timings, and each path is warmed up on one answer first. Torch
 runs with `torch.set_num_threads(2)` (`--threads`). The paths take turns on each chunk
-of 64 records (the audit's own chunk), so a change in a shared machine's load falls on
-all of them; the 1-minute load average before each run is recorded. The default run
-times the scorer, the forward pass and the re-generation on every record and the naive
+of records (the audit's own chunk: 64 answers on a CPU, 256 on a GPU), so a change in a
+shared machine's load falls on all of them; the 1-minute load average before each run
+is recorded. The default run times the scorer, the forward pass and the re-generation on every record and the naive
 aligner on every 4th (it handles one answer at a time, so its rate does not depend on
 how many it gets); `--quick` (under a minute on 2 cores) times the scorer and the
 forward pass on every tenth record and the re-generation and the naive aligner on 3 of
@@ -78,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from validator.audit import CHUNK, parse_line, probe_seed, run_audit  # noqa: E402
+from validator.audit import parse_line, probe_seed, run_audit  # noqa: E402
 from validator.reference import ReferenceModel  # noqa: E402
 from validator.registry import Registry  # noqa: E402
 from validator.sampling import Settings  # noqa: E402
@@ -262,15 +262,15 @@ def main() -> None:
     naive(ref, jobs[:1])
     plain_forward(ref, jobs[:1])
 
-    # The paths take turns on each chunk of records (the audit's own chunk of 64), so a
+    # The paths take turns on each chunk of records (the audit's own chunk), so a
     # change in the machine's load falls on all of them.
     runs = Runs(meter)
     outputs: list[dict] = []
     lengths: list[int] = []
     slow_set, naive_set = set(slow_idx), set(naive_idx)
     naive_own = 0  # tokens the naive aligner's own segmentation has
-    for start in range(0, len(jobs), CHUNK):
-        idx = list(range(start, min(start + CHUNK, len(jobs))))
+    for start in range(0, len(jobs), ref.align_chunk):
+        idx = list(range(start, min(start + ref.align_chunk, len(jobs))))
         outputs += runs.run("aligned", lambda: aligned(ref, registry, [lines[i] for i in idx]))
         lengths = [o["metrics"]["tokens"] for o in outputs]
         runs.run("forward", lambda: plain_forward(ref, [jobs[i] for i in idx]))

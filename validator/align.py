@@ -91,6 +91,7 @@ class _State:
     lead_implied: int = 0
     past: Past | None = None  # keys and values of prompt + path, while proposals may come
     complete_from: int = 0  # > 0: the path's features stop here; the next pass adds the rest
+    memo: dict = field(default_factory=dict)  # candidates by position, see _make_path
 
 
 def measure(feats: StepFeatures, step: int, columns: np.ndarray | slice, settings: Settings,
@@ -120,8 +121,9 @@ class Aligner:
         states = []
         for item in items:
             data = item.text.encode("utf-8", errors="surrogatepass")
-            path = self._make_path(item, data, [], [], self._canonical(data))
-            states.append(_State(item=item, data=data, path=path))
+            memo: dict = {}
+            path = self._make_path(item, data, [], [], self._canonical(data), memo)
+            states.append(_State(item=item, data=data, path=path, memo=memo))
         need = list(states)
         while need:
             feats, pasts = self.ref.score_paths([self._request(s) for s in need],
@@ -208,7 +210,9 @@ class Aligner:
         return out
 
     def _make_path(self, item: AlignItem, data: bytes, tokens: list[int], ends: list[int],
-                   rest: list[int]) -> Path:
+                   rest: list[int], memo: dict) -> Path:
+        """memo: the answer's candidates by (byte position, leading whitespace allowed);
+        a proposal shares most positions with the path it changes."""
         tokens = list(tokens)
         ends = list(ends)
         pos = ends[-1] if ends else 0
@@ -222,9 +226,10 @@ class Aligner:
         prev = 0
         for i, t in enumerate(tokens):
             lead = strip and prev == 0 and leading < MAX_IMPLIED
-            ids = [t] + [c.token for c in self.table.candidates(data, prev, lead=lead, trail=strip)
-                         if c.token != t]
-            cands.append(ids)
+            found = memo.get((prev, lead))
+            if found is None:
+                found = memo[prev, lead] = [c.token for c in self.table.candidates(data, prev, lead=lead, trail=strip)]
+            cands.append([t] + [c for c in found if c != t])
             if ends[i] == 0:
                 leading += 1
             prev = ends[i]
@@ -335,7 +340,7 @@ class Aligner:
             fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]])
         tokens = path.tokens[:i] + [token]
         ends = path.ends[:i] + [new_end]
-        s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:])
+        s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:], s.memo)
         s.pending_step = i
         # Compare the two paths up to and including the first token after they rejoin.
         s.compare = (i + 1 + len(fill) + 1, rejoin + 1)

@@ -27,7 +27,6 @@ from .scoring import Score, Tolerances, VerdictRule, score
 from .similarity import similarity
 
 log = logging.getLogger(__name__)
-CHUNK = 64  # answers aligned together: one batched pass each, bounded memory
 # Natural text runs 3-5 bytes a token. An answer denser than this many bytes a token of
 # max_tokens is failed without alignment, so a hostile megabyte costs no model time.
 MAX_BYTES_PER_TOKEN = 32
@@ -213,8 +212,9 @@ def run_audit(lines: Iterable[str], registry: Registry, *, rule: VerdictRule = V
                 outputs[job.line] = error_line(job.line, job.record.model_dump(), f"prompt: {exc}")
                 on_error(f"line {job.line}: prompt: {exc}")
                 log.debug("prompt rejected", exc_info=True)
-        for start in range(0, len(ready), CHUNK):
-            chunk = ready[start : start + CHUNK]
+        step = auditor.ref.align_chunk
+        for start in range(0, len(ready), step):
+            chunk = ready[start : start + step]
             if rerun:
                 auditor.rerun_all(chunk)
             auditor.score_jobs(chunk)

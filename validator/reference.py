@@ -8,6 +8,7 @@ reduced on the device to the few numbers per step the aligner and the tests need
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import threading
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 # lambda grid for the Chernoff bounds on the sampled log-prob statistic (scoring.py)
 LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
-_STEP_SLICE = 256  # steps reduced at once
+_STEP_SLICE = 256  # steps reduced at once on a CPU (at least, on a GPU)
 _TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
+_WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high")
 
 
 @dataclass
@@ -82,23 +84,25 @@ class StepFeatures:
 
 @dataclass
 class Past:
-    """Keys and values of one sequence's positions [0, length), per decoder layer: a
-    proposal that shares a prefix with a scored path runs only the positions after it
-    (the prompt is most of a scored sequence, and the aligner's proposals re-ran it)."""
+    """Keys and values of one sequence's positions [0, length), every decoder layer in
+    one tensor: a proposal that shares a prefix with a scored path runs only the
+    positions after it (the prompt is most of a scored sequence, and the aligner's
+    proposals re-ran it). One tensor, not one per layer, so that putting a batch's
+    pasts together is one copy per row, not one per row and layer (launches dominate
+    on a GPU)."""
 
-    keys: list[torch.Tensor]  # per layer [kv heads, length, head dim]
-    values: list[torch.Tensor]
+    kv: torch.Tensor  # [layers, 2 (keys, values), kv heads, length, head dim]
 
     @property
     def length(self) -> int:
-        return int(self.keys[0].shape[1])
+        return int(self.kv.shape[3])
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.kv.numel() * self.kv.element_size()
 
     def upto(self, n: int) -> "Past":
-        return Past([k[:, :n] for k in self.keys], [v[:, :n] for v in self.values])
+        return Past(self.kv[:, :, :, :n])
 
 
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -134,6 +138,13 @@ class ReferenceModel:
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.max_batch_tokens = 8192 if device == "cpu" else 65536
+        # Answers aligned together: every alignment round is one batched pass over the
+        # answers still proposing, and a GPU's passes cost launches more than positions.
+        self.align_chunk = 64 if device == "cpu" else 256
+        # Steps reduced at once: [steps, vocab] logits of a 262k vocabulary add up fast;
+        # a GPU wants few large launches (up to 2^27 logits, 512 MiB in float32).
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.step_slice = _STEP_SLICE if device == "cpu" else max(_STEP_SLICE, (1 << 27) // vocab)
         # Prefix reuse needs every layer to attend to every earlier position (a sliding
         # window cache would drop what a proposal needs); other models recompute.
         self.reuse_past = (not getattr(config, "sliding_window", None)
@@ -246,10 +257,10 @@ class ReferenceModel:
                                    use_cache=keep, **extra)
             hidden = res.last_hidden_state
             if keep:
-                layers = _cache_layers(getattr(res, self._cache_arg))
+                # [layers, 2, rows, kv heads, positions, head dim]: one copy; rows are views
+                kv = torch.stack([torch.stack(pair) for pair in _cache_layers(getattr(res, self._cache_arg))])
                 for row, (idx, s, h) in enumerate(zip(batch, seqs, held)):
-                    past = Past([k[row, :, before - h : before + len(s) - h] for k, _ in layers],
-                                [v[row, :, before - h : before + len(s) - h] for _, v in layers])
+                    past = Past(kv[:, :, row, :, before - h : before + len(s) - h])
                     if past.nbytes <= budget[0]:
                         budget[0] -= past.nbytes
                         kept[idx] = past
@@ -267,13 +278,12 @@ class ReferenceModel:
                 h = torch.cat([hidden[row, a:b] for row, _, a, b in members])
                 cands = [c for _, idx, _, _ in members for c in items[idx][2][items[idx][4]:]]
                 parts = []
-                # Steps in slices: [steps, vocab] logits of a 262k vocabulary add up fast.
-                for a in range(0, h.shape[0], _STEP_SLICE):
-                    logits = head(h[a : a + _STEP_SLICE]).float()
+                for a in range(0, h.shape[0], self.step_slice):
+                    logits = head(h[a : a + self.step_slice]).float()
                     if self.softcap:
                         logits = torch.tanh(logits / self.softcap) * self.softcap
                     parts.append(self._reduce(torch.log_softmax(logits, dim=-1),
-                                              cands[a : a + _STEP_SLICE], settings))
+                                              cands[a : a + self.step_slice], settings))
                 feats = parts[0] if len(parts) == 1 else StepFeatures.concat(parts)
                 offset = 0
                 for _, idx, a, b in members:
@@ -285,38 +295,48 @@ class ReferenceModel:
         (the attention mask hides the padding on the left)."""
         from transformers import DynamicCache
 
-        some = next(p for p in pasts if p is not None)
+        some = next(p for p in pasts if p is not None).kv
+        layers, _, heads, _, dim = some.shape
+        kv = some.new_zeros((layers, 2, len(pasts), heads, length, dim))
+        for row, past in enumerate(pasts):
+            if past is not None and past.length:
+                kv[:, :, row, :, length - past.length :] = past.kv
         cache = DynamicCache()
-        for layer in range(len(some.keys)):
-            shape = (len(pasts), some.keys[layer].shape[0], length, some.keys[layer].shape[2])
-            keys = some.keys[layer].new_zeros(shape)
-            values = some.values[layer].new_zeros(shape)
-            for row, past in enumerate(pasts):
-                if past is not None and past.length:
-                    keys[row, :, length - past.length :] = past.keys[layer]
-                    values[row, :, length - past.length :] = past.values[layer]
-            cache.update(keys, values, layer)
+        for layer in range(layers):
+            cache.update(kv[layer, 0], kv[layer, 1], layer)
         return cache
 
     def _reduce(self, logp: torch.Tensor, cands: list[list[int]], settings: Settings) -> StepFeatures:
         steps = logp.shape[0]
-        width = max(1, max(len(c) for c in cands))
-        index = torch.zeros((steps, width), dtype=torch.long)
-        for i, c in enumerate(cands):
-            if c:
-                index[i, : len(c)] = torch.tensor(c)
-        cand_logp = logp.gather(1, index.to(logp.device))
+        lens = np.fromiter(map(len, cands), dtype=np.int64, count=len(cands))
+        width = max(1, int(lens.max(initial=0)))
+        index = np.zeros((steps, width), dtype=np.int64)
+        if lens.sum():
+            flat = np.fromiter(itertools.chain.from_iterable(cands), dtype=np.int64, count=int(lens.sum()))
+            starts = np.repeat(np.cumsum(lens) - lens, lens)
+            index[np.repeat(np.arange(steps), lens), np.arange(len(flat)) - starts] = flat
+        cand_logp = logp.gather(1, torch.from_numpy(index).to(logp.device))
         max_logp, argmax = logp.max(dim=-1)
-        feats = StepFeatures(
-            max_logp=max_logp.cpu().numpy(),
-            argmax=argmax.cpu().numpy(),
-            cand_logp=cand_logp.cpu().numpy(),
-        )
+        # Everything a step needs in one [steps, columns] tensor, so that the slice costs
+        # one device-to-host copy (each copy waits for the GPU); argmax is exact in
+        # float32 for any vocabulary below 2^24 tokens.
+        parts = [max_logp[:, None], argmax[:, None].to(logp.dtype), cand_logp]
         if not settings.greedy:
-            self._warp_stats(logp, settings, feats)
+            stats = self._warp_stats(logp, settings)
+            parts += [stats[name].reshape(steps, -1) for name in _WARP_FIELDS]
+        packed = torch.cat(parts, dim=1).cpu().numpy()
+        feats = StepFeatures(max_logp=packed[:, 0], argmax=packed[:, 1].astype(np.int64),
+                             cand_logp=packed[:, 2 : 2 + width])
+        col = 2 + width
+        if not settings.greedy:
+            for name in _WARP_FIELDS:
+                shape = stats[name].shape[1:]
+                size = math.prod(shape)
+                setattr(feats, name, packed[:, col : col + size].reshape(steps, *shape))
+                col += size
         return feats
 
-    def _warp_stats(self, logp: torch.Tensor, settings: Settings, feats: StepFeatures) -> None:
+    def _warp_stats(self, logp: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
         vocab = logp.shape[-1]
         cap = settings.top_k if 0 < settings.top_k < vocab else vocab
         k = min(cap, _TOPK_FAST) if settings.top_p < 1.0 else cap
@@ -327,12 +347,7 @@ class ReferenceModel:
                 full = self._support_stats(logp[redo], settings, cap, cap)
                 for key in stats:
                     stats[key][redo] = full[key]
-        feats.boundary = stats["boundary"].cpu().numpy()
-        feats.log_z = stats["log_z"].cpu().numpy()
-        feats.entropy = stats["entropy"].cpu().numpy()
-        feats.variance = stats["variance"].cpu().numpy()
-        feats.mgf_low = stats["mgf_low"].cpu().numpy()
-        feats.mgf_high = stats["mgf_high"].cpu().numpy()
+        return stats
 
     @staticmethod
     def _support_stats(logp: torch.Tensor, settings: Settings, cap: int, k: int) -> dict:
@@ -341,7 +356,11 @@ class ReferenceModel:
         t = settings.temperature
         top = torch.topk(logp, k, dim=-1).values
         source = logp if cap == logp.shape[-1] else top  # the tokens top-k leaves
-        norm = torch.stack([torch.logsumexp(source * s, dim=-1) for s in order_scales(settings)], -1)
+        scales = order_scales(settings)
+        # At temperature 1 the two orders warp alike: compute once, copy (identical).
+        alike = scales[0] == scales[1]
+        norms = [torch.logsumexp(source * s, dim=-1) for s in scales[: 1 if alike else 2]]
+        norm = torch.stack(norms * 2 if alike else norms, -1)
         sizes = kept_prefix_sizes(top, norm, settings)
         top = top[:, : int(sizes.max())]  # statistics only need the kept prefix
         cols = torch.arange(top.shape[1], device=top.device)
@@ -349,7 +368,7 @@ class ReferenceModel:
         lam_high = torch.tensor(LAMBDAS_HIGH, dtype=top.dtype, device=top.device)
         out: dict[str, list] = {key: [] for key in
                                 ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high", "boundary_size")}
-        for o in range(2):
+        for o in range(1 if alike else 2):
             n = sizes[:, o]
             kept = cols[None, :] < n[:, None]
             scaled = torch.where(kept, top / t, torch.full_like(top, -math.inf))
@@ -368,7 +387,7 @@ class ReferenceModel:
             out["mgf_high"].append(torch.logsumexp(
                 torch.where(kept[:, :, None], (1 + lam_high) * logq[:, :, None], neg), dim=1))
             out["boundary_size"].append(n)
-        return {key: torch.stack(v, 1) for key, v in out.items()}
+        return {key: torch.stack(v * 2 if alike else v, 1) for key, v in out.items()}
 
     # -- re-run ----------------------------------------------------------------------
     @torch.inference_mode()

@@ -95,7 +95,11 @@ def kept_prefix_sizes(sorted_logp: torch.Tensor, log_norm: torch.Tensor, setting
     if settings.top_p >= 1.0:
         return torch.full((rows, 2), k, dtype=torch.long, device=sorted_logp.device)
     sizes = []
-    for o, scale in enumerate(order_scales(settings)):
+    scales = order_scales(settings)
+    for o, scale in enumerate(scales):
+        if o and scale == scales[0]:
+            sizes.append(sizes[0])  # temperature 1: both orders keep alike
+            continue
         probs = torch.exp(sorted_logp * scale - log_norm[:, o : o + 1])
         before = torch.cumsum(probs, dim=-1) - probs
         sizes.append((before < settings.top_p).sum(dim=-1).clamp(min=1))

@@ -89,6 +89,11 @@ class TokenTable:
             if stripped_right != b:
                 self.before_space.setdefault(stripped_right, []).append(idx)
         self.max_len = max(len(b) for b in self.bytes)
+        # Every prefix of a token's bytes (plain or after a space): a scan of the text
+        # stops at the first piece no token starts with, instead of at max_len bytes
+        # (runs of whitespace make max_len long, most pieces die within a few bytes).
+        self.prefixes = {key[:n] for table in (self.exact, self.after_space)
+                         for key in table for n in range(1, len(key) + 1)}
 
     def candidates(self, text: bytes, pos: int, *, lead: bool, trail: bool) -> list[Candidate]:
         """Tokens that can be emitted with `pos` bytes of `text` already covered.
@@ -101,6 +106,8 @@ class TokenTable:
         rest = text[pos : pos + self.max_len]
         for n in range(1, len(rest) + 1):
             piece = rest[:n]
+            if piece not in self.prefixes:
+                break
             for t in self.exact.get(piece, ()):
                 out.append(Candidate(t, n))
             if lead:
@@ -118,10 +125,15 @@ class TokenTable:
         model cannot have produced the text in fewer)."""
         inf = len(text) + 1
         best = [0] + [inf] * len(text)
-        for end in range(1, len(text) + 1):
-            for n in range(1, min(self.max_len, end) + 1):
-                if best[end - n] + 1 < best[end] and text[end - n : end] in self.exact:
-                    best[end] = best[end - n] + 1
+        for start in range(len(text)):
+            if best[start] >= inf:
+                continue
+            for end in range(start + 1, min(start + self.max_len, len(text)) + 1):
+                piece = text[start:end]
+                if piece not in self.prefixes:
+                    break
+                if best[start] + 1 < best[end] and piece in self.exact:
+                    best[end] = best[start] + 1
         return best[-1]
 
     def segment(self, text: bytes) -> list[int] | None:
