@@ -1,8 +1,11 @@
 """Write audit records (JSONL) answered by real honest and cheating hosts.
 
-    python benchmarks/make_records.py --out examples/records.jsonl --prompts 4
+    python benchmarks/make_records.py --out examples/records.jsonl --prompts 6 \
+        --hosts honest-llama.cpp,honest-transformers-bf16,cheat-other-model,cheat-layers-removed,cheat-hotter,cheat-truncated,cheat-replayed,cheat-greedy-when-sampling
+    python benchmarks/make_records.py --out benchmarks/results/audit_records.jsonl --prompts 25 --first 0
 
-Prompts come from the general bank, starting after the ones the tests use; each is
+Prompts come from the general bank, by default starting after the ones the tests use
+(the speed benchmarks' records start at the first, `--first 0`); each is
 asked once greedily and once sampled (settings from configs/settings.yaml).
 """
 
@@ -39,9 +42,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
     ap.add_argument("--hosts", default=DEFAULT_HOSTS)
     args = ap.parse_args()
-    records = make_records(args.prompts, args.hosts.split(","))
+    records = make_records(args.prompts, args.hosts.split(","), first=args.first)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for r in records:

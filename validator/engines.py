@@ -115,8 +115,10 @@ class LlamaCppEngine:
         self.template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
         if not self.template:
             raise ValueError(f"{gguf} carries no chat template; pass one")
-        self.bos = self.llm.detokenize([self.llm.token_bos()]).decode("utf-8", "replace")
-        self.eos = self.llm.detokenize([self.llm.token_eos()]).decode("utf-8", "replace")
+        # special=True: without it llama-cpp-python detokenizes control tokens to b"", and a
+        # template's {{ bos_token }} vanished (Gemma without <bos> answers gibberish).
+        self.bos = self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace")
+        self.eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
         self.name = name
 
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
