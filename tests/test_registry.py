@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from validator.engines import render_chat
+from validator.engines import LlamaCppEngine, render_chat
 from validator.registry import Registry, RegistryError, _converted_gguf
 
 
@@ -26,6 +26,19 @@ def test_gemma_chat_template_is_the_documented_one(registry):
                     "<start_of_turn>model\nHello!<end_of_turn>\n"
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
+
+
+def test_llama_cpp_prompt_keeps_the_templates_bos(registry):
+    """llama-cpp-python detokenizes control tokens to nothing unless asked: a template's
+    {{ bos_token }} once rendered empty, and Gemma without <bos> answers gibberish (the
+    other-model cheat did, and honest Gemma answers failed)."""
+    spec = registry.get("gemma-3-270m")
+    engine = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template, n_ctx=256)
+    messages = [{"role": "user", "content": "Hi"}]
+    tokens = engine.prompt_tokens(messages)
+    bos = engine.llm.token_bos()
+    assert tokens[0] == bos and tokens.count(bos) == 1
+    assert engine.llm.detokenize(tokens, special=True).decode() == render_chat(spec.chat_template, messages, bos="<bos>")
 
 @pytest.mark.parametrize("body, message", [
     ("models: [1, 2]", "expected a mapping"),
