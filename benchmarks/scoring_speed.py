@@ -44,9 +44,9 @@ loaded once, outside the timings, and each path is warmed up on one answer first
 runs with `torch.set_num_threads(2)` (`--threads`). The paths take turns on each chunk
 of records (the audit's own chunk: 64 answers on a CPU, 256 on a GPU), so a change in a
 shared machine's load falls on all of them; the 1-minute load average before each run
-is recorded. The default run times the scorer, the forward pass and the re-generation on every record and the naive
-aligner on every 4th (it handles one answer at a time, so its rate does not depend on
-how many it gets); `--quick` (under a minute on 2 cores) times the scorer and the
+is recorded. The default run times the scorer, the forward pass and the re-generation
+on every record and the naive aligner on every 4th (it handles one answer at a time, so
+its rate does not depend on how many it gets); `--quick` (under a minute on 2 cores) times the scorer and the
 forward pass on every tenth record and the re-generation and the naive aligner on 3 of
 those; tokens per second need no scaling, as every path's rate is measured on the
 answers it ran (but 3 answers make a small generation batch, so --quick overstates

@@ -27,7 +27,6 @@ def test_gemma_chat_template_is_the_documented_one(registry):
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
 
-
 def test_llama_cpp_prompt_keeps_the_templates_bos(registry):
     """llama-cpp-python detokenizes control tokens to nothing unless asked: a template's
     {{ bos_token }} once rendered empty, and Gemma without <bos> answers gibberish (the
@@ -39,6 +38,7 @@ def test_llama_cpp_prompt_keeps_the_templates_bos(registry):
     bos = engine.llm.token_bos()
     assert tokens[0] == bos and tokens.count(bos) == 1
     assert engine.llm.detokenize(tokens, special=True).decode() == render_chat(spec.chat_template, messages, bos="<bos>")
+
 
 @pytest.mark.parametrize("body, message", [
     ("models: [1, 2]", "expected a mapping"),

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # lambda grid for the Chernoff bounds on the sampled log-prob statistic (scoring.py)
 LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
-_STEP_SLICE = 256  # steps reduced at once on a CPU (at least, on a GPU)
+_STEP_SLICE = 256  # steps reduced at once on a CPU; a GPU takes more (step_slice)
 _TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
 _WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high")
 
@@ -126,7 +126,6 @@ class ReferenceModel:
             eos.add(int(tokenizer.convert_tokens_to_ids(name)))
         self.eos_ids = sorted(eos)
         self.table = TokenTable(tokenizer, self.eos_ids)
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.reruns: dict[str, str] = {}  # probe key -> the reference's own answer
 
@@ -143,8 +142,8 @@ class ReferenceModel:
         self.align_chunk = 64 if device == "cpu" else 256
         # Steps reduced at once: [steps, vocab] logits of a 262k vocabulary add up fast;
         # a GPU wants few large launches (up to 2^27 logits, 512 MiB in float32).
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.step_slice = _STEP_SLICE if device == "cpu" else max(_STEP_SLICE, (1 << 27) // vocab)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.step_slice = _STEP_SLICE if device == "cpu" else max(_STEP_SLICE, (1 << 27) // self.vocab_size)
         # Prefix reuse needs every layer to attend to every earlier position (a sliding
         # window cache would drop what a proposal needs); other models recompute.
         self.reuse_past = (not getattr(config, "sliding_window", None)
