@@ -1,13 +1,20 @@
 """Detection benchmark: the simulated network refereed by the real daemon for K rounds.
 
-    python benchmarks/detection.py                  # the default run (about 15 min on 2 cores)
+    python benchmarks/detection.py                  # the default run (about 30 min on 2 cores)
     python benchmarks/detection.py --quick          # about 5 min: 1 host per kind, 3 rounds of 4
     python benchmarks/detection.py --rounds 6 --replicas 5 --probes-per-host 4
     python benchmarks/detection.py --from-json benchmarks/results/detection.json  # tables, plot again
 
-Default: 3 rounds of 5 probes per host, 3 hosts per cheat, 2 per honest engine (30 hosts,
-450 probes), 8 probes in flight, 1 torch thread per generating or scoring thread (several
+Default: 4 rounds of 5 probes per host, 3 hosts per cheat, 2 per honest engine (30 hosts,
+600 probes), 8 probes in flight, 1 torch thread per generating or scoring thread (several
 models generate at once on 2 cores; more threads per model only oversubscribe them).
+Twenty probes per host: the weakest cheats (truncation, greedy answers to sampled probes)
+give little evidence per answer; with fifteen, the last run caught them after up to 15
+and 12 probes and missed one host of each, so fifteen ended before their worst case.
+
+Rounds are numbered 1..K (`--first-round`), not by the clock as a deployed daemon numbers
+them: probes derive from the secret, the round and the host, and every simulated host
+answers a given probe the same way, so the same command gives the same table.
 
 Every host is model-backed (no fault hosts): the three honest engines of the calibration
 (transformers float32 and bfloat16, llama.cpp on the GGUF) and the eight cheats of
@@ -76,7 +83,8 @@ HONEST = {  # engine group -> host options in the network file
 }
 SCORED = ("pass", "fail", "inconclusive")
 P_FLOOR = 1e-300  # -log10(0) would be infinite
-DEFAULTS = {"rounds": 3, "replicas": 3, "honest_replicas": 2, "probes_per_host": 5}
+DEFAULTS = {"rounds": 4, "replicas": 3, "honest_replicas": 2, "probes_per_host": 5}
+FIRST_ROUND = 1  # rounds 1..K, not the clock's: the same probes, hence the same table, on every run
 QUICK = {"rounds": 3, "replicas": 1, "honest_replicas": 1, "probes_per_host": 4}
 
 
@@ -109,7 +117,8 @@ def validator_settings(probes_per_host: int, concurrency: int) -> dict:
     }
 
 
-def run_network(workdir: Path, db: Path, hosts: list[dict], rounds: int, validator: dict) -> float:
+def run_network(workdir: Path, db: Path, hosts: list[dict], rounds: int, validator: dict,
+                first_round: int = FIRST_ROUND) -> float:
     """`validator demo` on this network; returns its wall time in seconds."""
     from validator.cli import demo
 
@@ -117,7 +126,7 @@ def run_network(workdir: Path, db: Path, hosts: list[dict], rounds: int, validat
     network.write_text(yaml.safe_dump({"model": MODEL, "hosts": [
         {k: v for k, v in h.items() if k != "group"} for h in hosts]}, sort_keys=False))
     config = workdir / "demo.yaml"
-    config.write_text(yaml.safe_dump({"network": str(network), "rounds": rounds,
+    config.write_text(yaml.safe_dump({"network": str(network), "rounds": rounds, "first_round": first_round,
                                       "database": str(db), "validator": validator}, sort_keys=False))
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the host list: we read the database instead
@@ -295,7 +304,7 @@ def markdown(result: dict) -> str:
     for name, e in engines.items():
         lines.append(f"| {name} | {e['hosts']} | {e['probes']} | {e['false_alarms']} | {e['failed_answers']} | "
                      f"{e['inconclusive_answers']} | 10^{e['max_evidence_log10']} | {', '.join(e['states'])} |")
-    lines += ["", "## Hosts", "", f"Rounds (numbered by the daemon: time // interval): {result['rounds']}.", "",
+    lines += ["", "## Hosts", "", f"Rounds: {result['rounds']}.", "",
               "| host | state | probes scored | pass / inconclusive / fail | transport errors | "
               "probes to detection (round) | final evidence |",
               "|---|---|---|---|---|---|---|"]
@@ -365,6 +374,9 @@ def main() -> None:
                     help=f"probes per host per round (default {DEFAULTS['probes_per_host']})")
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    ap.add_argument("--first-round", type=int, default=FIRST_ROUND,
+                    help=f"number of the first round (default {FIRST_ROUND}); probes are drawn from the "
+                         "secret, round and host, so another first round is another sample of probes")
     ap.add_argument("--concurrency", type=int, default=8, help="probes in flight at once (default 8)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per generating or scoring thread, 0 for torch's own (default 1: several models "
@@ -395,7 +407,7 @@ def main() -> None:
     hosts = network_hosts(size["replicas"], size["honest_replicas"])
     with tempfile.TemporaryDirectory(prefix="detection-") as tmp:
         db = (args.db or Path(tmp) / "detection.db").resolve()
-        wall = run_network(Path(tmp), db, hosts, size["rounds"], validator)
+        wall = run_network(Path(tmp), db, hosts, size["rounds"], validator, args.first_round)
         t0 = time.perf_counter()
         results, rounds = per_host(db, hosts, reputation)
     cheats, engines, curves = summarise(results)
@@ -405,7 +417,7 @@ def main() -> None:
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                    f"Python {platform.python_version()}",
-        "config": {**size, "quick": args.quick, "threads": args.threads, "model": MODEL, "trust_after": reputation.trust_after,
+        "config": {**size, "first_round": args.first_round, "quick": args.quick, "threads": args.threads, "model": MODEL, "trust_after": reputation.trust_after,
                    "alpha": reputation.alpha, "validator": validator,
                    "network": [{k: v for k, v in h.items() if k != "group"} for h in hosts]},
         "rounds": rounds,

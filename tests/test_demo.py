@@ -71,6 +71,25 @@ def test_reduced_demo_trusts_the_honest_and_flags_every_cheat(demo_db):
     assert by_host["honest-llama-cpp"]["score"] > 0.5
 
 
+def test_demo_rounds_are_numbered_from_the_config_so_probes_repeat(demo_db):
+    """configs/demo.yaml's first_round numbers the rounds instead of the clock: every
+    demo run sends exactly the probes derived for rounds 1 and 2."""
+    from validator.config import ValidatorConfig
+    from validator.probes import derive_probes, load_bank, load_mix
+
+    db, _ = demo_db
+    demo = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())
+    assert demo["first_round"] == 1
+    cfg = ValidatorConfig.model_validate({**demo["validator"], "hosts": []})
+    bank, mix = load_bank(cfg.prompts), load_mix(cfg.settings_mix)
+    with sqlite3.connect(db) as c:
+        sent = set(c.execute("select hosts.name, probes.round, probes.id from probes "
+                             "join hosts on hosts.id = probes.host_id").fetchall())
+    expected = {(h["name"], r, p.id) for h in HOSTS for r in (1, 2)
+                for p in derive_probes(cfg.probe_secret(), r, h["name"], bank, mix, 4)}
+    assert sent == expected
+
+
 def test_hosts_list_and_show(demo_db):
     db, rows = demo_db
     listed = json.loads(cli("hosts", "list", "--db", str(db), "--json").stdout)

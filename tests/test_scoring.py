@@ -85,3 +85,33 @@ def test_similarity_metrics():
     assert not diff["exact"] and diff["rouge_l"] < 0.3 and diff["edit_distance"] > 0.5
     assert 0.0 <= diff["chrf"] < same["chrf"]
     assert similarity("abc", "abd")["shared_prefix_chars"] == 2
+
+
+def test_llama_cpp_may_finish_a_character_past_max_tokens(registry, ref, tolerances):
+    """llama-cpp-python holds back a character its last allowed token left incomplete
+    and generates on until it is whole: this honest answer (a probe of the demo network)
+    needs 49 tokens for max_tokens=48. It must pass; text past the character must not."""
+    from validator.engines import Request, shared_engine
+
+    messages = [{"role": "user", "content": "Write a tweet announcing that our bakery will now open at 7am on weekdays."}]
+    settings = Settings(temperature=0.3, top_k=10, top_p=0.9, max_tokens=48)
+    text = shared_engine(registry, "smollm2-135m", "llama.cpp").generate([Request(messages, settings, 0)])[0]
+    data = text.encode()
+    assert ref.table.fewest_tokens(data) == 49  # the engine went past max_tokens
+    assert ref.table.fewest_tokens(data, into_last_char=True) <= 48  # ... to finish its emoji
+    assert text.endswith("\N{LEMON}")
+
+    prompt = ref.prompt_ids(messages)
+    (s,) = _scores(ref, tolerances, [prompt], [text], settings)
+    assert s.verdict == "pass", s.reasons
+    (over,) = _scores(ref, tolerances, [prompt], [text + " Come"], settings)  # whole tokens past it
+    assert over.verdict == "fail" and "more than max_tokens=48" in over.reasons[0]
+
+
+def test_fewest_tokens_into_last_char(ref):
+    table = ref.table
+    assert table.fewest_tokens(b"Hello world", into_last_char=True) == table.fewest_tokens(b"Hello world")
+    lemon = "Fresh \N{LEMON}".encode()  # four bytes at the end
+    reach = [table.fewest_tokens(lemon[:end]) for end in range(len(lemon) - 3, len(lemon) + 1)]
+    assert table.fewest_tokens(lemon, into_last_char=True) == min(reach) < table.fewest_tokens(lemon)
+    assert table.fewest_tokens(b"", into_last_char=True) == 0

@@ -556,7 +556,7 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
                         await asyncio.sleep(0.3)
                 reporter = asyncio.create_task(report())
                 try:
-                    return await daemon.run(max_rounds=n_rounds)
+                    return await daemon.run(max_rounds=n_rounds, first_round=raw.get("first_round"))
                 finally:
                     reporter.cancel()
 

@@ -198,8 +198,11 @@ class Daemon:
             self.on_event(message)
 
     # ------------------------------------------------------------------ running
-    async def run(self, max_rounds: int | None = None) -> Progress:
-        """Serve until SIGTERM/SIGINT (or `max_rounds` rounds are probed and scored)."""
+    async def run(self, max_rounds: int | None = None, first_round: int | None = None) -> Progress:
+        """Serve until SIGTERM/SIGINT (or `max_rounds` rounds are probed and scored).
+        `first_round` numbers the rounds first_round, first_round + 1, ... instead of by
+        the clock, so that a demo or benchmark draws the same probes on every run (a
+        deployed validator keeps the clock: every validator must agree on the round)."""
         from apscheduler.executors.asyncio import AsyncIOExecutor
         from apscheduler.jobstores.memory import MemoryJobStore
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -221,7 +224,7 @@ class Daemon:
 
         async def round_job() -> None:
             nonlocal done_rounds
-            await self._tracked(self.probe_round())
+            await self._tracked(self.probe_round(None if first_round is None else first_round + done_rounds))
             done_rounds += 1
             if max_rounds is not None and done_rounds >= max_rounds:
                 rounds_done.set()

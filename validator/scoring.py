@@ -126,8 +126,11 @@ def score(al: Alignment, settings: Settings, table: TokenTable, tol: Tolerances,
                             "eos_gap": float(f.max_logp[final] - eos_logp)}
     metrics["termination"] = term
     if fewest > settings.max_tokens:
-        components.append(("length", 0.0,
-                           f"needs at least {fewest} tokens, more than max_tokens={settings.max_tokens}"))
+        reach = table.fewest_tokens(al.text_bytes, into_last_char=True)
+        term["fewest_tokens_into_last_char"] = reach
+        if reach > settings.max_tokens:
+            components.append(("length", 0.0,
+                               f"needs at least {fewest} tokens, more than max_tokens={settings.max_tokens}"))
     elif stop == "eos":
         if settings.greedy:
             bad = term["eos_gap"] > tol.eos_gap

@@ -120,9 +120,12 @@ class TokenTable:
             out.extend(Candidate(t, 0) for t in self.whitespace)
         return out
 
-    def fewest_tokens(self, text: bytes) -> int:
+    def fewest_tokens(self, text: bytes, into_last_char: bool = False) -> int:
         """The fewest tokens any segmentation of `text` needs (a host claiming this
-        model cannot have produced the text in fewer)."""
+        model cannot have produced the text in fewer). With `into_last_char`: the fewest
+        that reach into the text's last UTF-8 character, however far they end inside it
+        (an engine stopped by max_tokens mid-character may add the tokens that finish
+        it: llama-cpp-python holds an incomplete character back and generates on)."""
         inf = len(text) + 1
         best = [0] + [inf] * len(text)
         for start in range(len(text)):
@@ -134,6 +137,11 @@ class TokenTable:
                     break
                 if best[start] + 1 < best[end] and piece in self.exact:
                     best[end] = best[start] + 1
+        if into_last_char and text:
+            last = len(text) - 1
+            while last > max(0, len(text) - 4) and text[last] & 0xC0 == 0x80:  # at most 3 continuation bytes
+                last -= 1
+            return min(best[last + 1 :])
         return best[-1]
 
     def segment(self, text: bytes) -> list[int] | None:
