@@ -19,7 +19,12 @@ other ways to put a reference model over the same answers:
   forward   (c) one plain batched forward pass over prompt + the canonical tokenisation
             of each answer, packed by `ReferenceModel.step_features` under the scorer's
             own batch budget and reduced to the answer's log-probs (greedy reduction, no
-            support statistics): the ceiling for any scorer.
+            support statistics): the ceiling for any scorer that computes every answer's
+            prompt;
+  forward_shared_prompts
+            (c') the same pass, but each prompt given more than once computed once
+            (`ReferenceModel.prefill`) and the answers run from its keys and values, as
+            the aligned scorer's first pass does: the ceiling for this scorer.
 
 Tokens, the same for every path: answer tokens scored, that is the aligned token count
 of each answer (`metrics["tokens"]` of the aligned scorer, implied whitespace tokens
@@ -34,11 +39,12 @@ the batch, finished or not), from a pre-hook on the decoder (`model.model`); for
 aligned path it equals `metrics["alignment"]["forward_passes"]` averaged over answers.
 Decoder positions per token: positions the decoder computed (prompts and padding
 included) per answer token. The aligned scorer's time is split into the decoder, the
-LM head with the reductions (the rest of `ReferenceModel._run_batch`) and everything
-else (alignment walk, scoring, parsing).
+LM head with the reductions (the rest of `ReferenceModel._run_batch` and `prefill`) and
+everything else (alignment walk, scoring, parsing).
 
-Input: benchmarks/results/audit_records.jsonl (200 answers to 50 probes by two honest
-engines and two cheats, written by real models with make_records.py), loaded once; the
+Input: benchmarks/results/audit_records.jsonl (200 answers to 50 probes, 25 prompts each
+asked greedily and sampled, by two honest engines and two cheats, written by real models
+with make_records.py), ordered by prompt as `run_audit` orders them, loaded once; the
 reference model (SmolLM2-135M, float32; on the GPU when one is present, else the CPU) is
 loaded once, outside the timings, and each path is warmed up on one answer first. Torch
 runs with `torch.set_num_threads(2)` (`--threads`). The paths take turns on each chunk
@@ -96,7 +102,8 @@ def sync() -> None:
 class DecoderMeter:
     """Counts the decoder's forward calls, rows and positions, and the time spent in it
     (`model.model`: the transformer without its LM head) and in the scorer's batches
-    (`ReferenceModel._run_batch`: decoder, LM head, log-softmax and the reductions)."""
+    (`ReferenceModel._run_batch`: decoder, LM head, log-softmax and the reductions; and
+    `ReferenceModel.prefill`: the decoder over shared prompts)."""
 
     def __init__(self, ref: ReferenceModel):
         self.calls = self.rows = self.positions = 0
@@ -104,14 +111,17 @@ class DecoderMeter:
         self._t0 = 0.0
         ref.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
         ref.model.model.register_forward_hook(self._post)
-        inner = ref._run_batch
+        for name in ("_run_batch", "prefill"):  # neither calls the other
+            setattr(ref, name, self._timed(getattr(ref, name)))  # on this instance only
 
-        def run_batch(*args):
+    def _timed(self, inner):
+        def run(*args, **kwargs):
             t0 = time.perf_counter()
-            inner(*args)
+            value = inner(*args, **kwargs)
+            sync()
             self.batch_seconds += time.perf_counter() - t0
-
-        ref._run_batch = run_batch  # on this instance only
+            return value
+        return run
 
     def _pre(self, module, args, kwargs):
         sync()
@@ -202,12 +212,15 @@ def naive(ref: ReferenceModel, jobs: list[tuple]) -> list[int]:
     return [len(naive_align(ref, p, r["response"])[0]) for r, p, _ in jobs]
 
 
-def plain_forward(ref: ReferenceModel, jobs: list[tuple]) -> int:
+def plain_forward(ref: ReferenceModel, jobs: list[tuple], share_prompts: bool = False) -> int:
     items = []
     for r, prompt, _ in jobs:
         path = ref.canonical_ids(r["response"])
         items.append((prompt, path, [[t] for t in path] + [ref.eos_ids], Settings(temperature=0.0), 0))
-    ref.step_features(items)
+    if share_prompts:  # as the scorer does: each prompt given more than once computed once
+        ref.score_paths(items, pasts=ref.prefill([i[0] for i in items]))
+    else:
+        ref.step_features(items)
     return sum(len(i[1]) for i in items)
 
 
@@ -246,6 +259,10 @@ def main() -> None:
     for line in lines:
         record, settings = parse_line(line)
         jobs.append((json.loads(line), ref.prompt_ids(record.model_dump()["messages"]), settings))
+    # Answers to one prompt side by side, as `run_audit` orders them before chunking (so
+    # that a chunk computes each prompt once); every path gets the same chunks.
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][1])
+    jobs, lines = [jobs[i] for i in order], [lines[i] for i in order]
     # (a) re-generation runs on every answer (on --quick: 3 of them, spread over the
     # hosts), batched as `generate` batches. (b) the naive aligner handles one answer at a
     # time, so its rate does not depend on which answers it gets: every 4th (--quick: the
@@ -261,6 +278,7 @@ def main() -> None:
     regenerate(ref, jobs[:1], [4])
     naive(ref, jobs[:1])
     plain_forward(ref, jobs[:1])
+    plain_forward(ref, jobs[:2], share_prompts=True)
 
     # The paths take turns on each chunk of records (the audit's own chunk), so a
     # change in the machine's load falls on all of them.
@@ -274,6 +292,7 @@ def main() -> None:
         outputs += runs.run("aligned", lambda: aligned(ref, registry, [lines[i] for i in idx]))
         lengths = [o["metrics"]["tokens"] for o in outputs]
         runs.run("forward", lambda: plain_forward(ref, [jobs[i] for i in idx]))
+        runs.run("forward_shared_prompts", lambda: plain_forward(ref, [jobs[i] for i in idx], share_prompts=True))
         sidx = [i for i in idx if i in slow_set]
         if sidx:
             gen = runs.run("generate", lambda: regenerate(ref, [jobs[i] for i in sidx],
@@ -299,9 +318,12 @@ def main() -> None:
         "generate": path_result(runs.paths["generate"], len(slow), slow_tokens),
         "naive": path_result(runs.paths["naive"], len(naive_idx), naive_tokens, naive_own_tokens=naive_own),
         "forward": path_result(runs.paths["forward"], len(jobs), tokens, canonical_tokens=canonical),
+        "forward_shared_prompts": path_result(runs.paths["forward_shared_prompts"], len(jobs), tokens,
+                                              canonical_tokens=canonical),
     }
     rate = {k: v["tokens_per_s"] for k, v in paths.items()}
-    ratios = {f"aligned_vs_{k}": round(rate["aligned"] / rate[k], 3) for k in ("forward", "generate", "naive")}
+    ratios = {f"aligned_vs_{k}": round(rate["aligned"] / rate[k], 3)
+              for k in ("forward", "generate", "naive", "forward_shared_prompts")}
     a, f = runs.paths["aligned"], runs.paths["forward"]
     where = {  # the aligned scorer's wall time, split
         "decoder_s": round(a["decoder_s"], 2),
@@ -335,10 +357,10 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'path':<9} {'answers':>7} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'passes/answer':>13} "
+    print(f"{'path':<22} {'answers':>7} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'passes/answer':>13} "
           f"{'positions/token':>15} {'in decoder':>10}")
     for name, p in paths.items():
-        print(f"{name:<9} {p['answers']:>7} {p['tokens']:>7} {p['wall_s']:>8.2f} {p['tokens_per_s']:>9.1f} "
+        print(f"{name:<22} {p['answers']:>7} {p['tokens']:>7} {p['wall_s']:>8.2f} {p['tokens_per_s']:>9.1f} "
               f"{p['forward_passes_per_answer']:>13.2f} {p['decoder_positions_per_token']:>15.2f} "
               f"{100 * p['decoder_share']:>9.0f}%")
     print("aligned scorer's time: " + ", ".join(f"{k} {v}" for k, v in where.items()))

@@ -104,6 +104,49 @@ def test_proposals_reuse_the_prefix_and_change_nothing(ref, honest_records, chea
         assert abs(a.eos_logp - b.eos_logp) < 1e-3
 
 
+def test_shared_prompts_are_computed_once_and_change_nothing(ref, honest_records, cheat_records):
+    """Answers of several hosts to one probe: the prompt's keys and values are computed
+    once (ReferenceModel.prefill) and every answer's first pass runs from them. The
+    alignments are those of computing each prompt in full, and exactly the repeated
+    prompts' positions are saved."""
+    records = (honest_records["honest-llama.cpp"][:8] + honest_records["honest-transformers-bf16"][:8]
+               + cheat_records["cheat-hotter"][:8])
+    items = [AlignItem(ref.prompt_ids(r["messages"]), r["response"], Settings.from_configs(r["configs"]))
+             for r in records]
+    prompts = [tuple(i.prompt) for i in items]
+    saved = sum((prompts.count(p) - 1) * (len(p) - 1) for p in set(prompts))
+    assert saved > 0, "no prompt is shared: nothing compared"
+    shared = ref.prefill([i.prompt for i in items])
+    assert all((s is not None) == (prompts.count(p) > 1) for s, p in zip(shared, prompts))
+    assert all(s.length == len(p) - 1 for s, p in zip(shared, prompts) if s is not None)
+
+    computed = [0]  # positions the decoder computed, padding left out
+
+    def count(module, args, kwargs):
+        width = kwargs["input_ids"].shape[1]
+        computed[0] += int(kwargs["attention_mask"][:, -width:].sum())
+
+    hook = ref.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    runs = {}
+    try:
+        for share in (False, True):
+            computed[0] = 0
+            if not share:
+                ref.prefill = lambda prompts: [None] * len(prompts)  # on this instance only
+            runs[share] = (Aligner(ref).align(items), computed[0])
+            ref.__dict__.pop("prefill", None)
+    finally:
+        hook.remove()
+        ref.__dict__.pop("prefill", None)
+    (alone, alone_positions), (together, together_positions) = runs[False], runs[True]
+    assert alone_positions - together_positions == saved
+    for a, b in zip(alone, together):
+        assert a.tokens == b.tokens and a.implied == b.implied and a.branches == b.branches
+        np.testing.assert_allclose(a.token_logp, b.token_logp, atol=1e-3)
+        np.testing.assert_allclose(a.feats.max_logp, b.feats.max_logp, atol=1e-3)
+        assert abs(a.eos_logp - b.eos_logp) < 1e-3
+
+
 def test_a_past_longer_than_the_shared_prefix_is_refused(ref):
     prompt = ref.prompt_ids([{"role": "user", "content": "Name a colour."}])
     path = ref.canonical_ids("Blue is a colour.")

@@ -125,9 +125,10 @@ class Aligner:
             path = self._make_path(item, data, [], [], self._canonical(data), memo)
             states.append(_State(item=item, data=data, path=path, memo=memo))
         need = list(states)
+        # The first pass starts from each shared prompt's keys and values, computed once.
+        given = self.ref.prefill([s.item.prompt for s in states])
         while need:
-            feats, pasts = self.ref.score_paths([self._request(s) for s in need],
-                                                pasts=[self._request_past(s) for s in need], keep_past=True)
+            feats, pasts = self.ref.score_paths([self._request(s) for s in need], pasts=given, keep_past=True)
             for s, f, past in zip(need, feats, pasts):
                 s.passes += 1
                 if s.pending is not None:
@@ -153,6 +154,7 @@ class Aligner:
                     need.append(s)
                 else:
                     s.past = None  # free what no proposal needs
+            given = [self._request_past(s) for s in need]
 
         return [self._result(s) for s in states]
 

@@ -212,6 +212,9 @@ def run_audit(lines: Iterable[str], registry: Registry, *, rule: VerdictRule = V
                 outputs[job.line] = error_line(job.line, job.record.model_dump(), f"prompt: {exc}")
                 on_error(f"line {job.line}: prompt: {exc}")
                 log.debug("prompt rejected", exc_info=True)
+        # Answers to one prompt side by side, so that a chunk computes each prompt once
+        # (ReferenceModel.prefill); outputs keep the input order all the same.
+        ready.sort(key=lambda job: job.prompt)
         step = auditor.ref.align_chunk
         for start in range(0, len(ready), step):
             chunk = ready[start : start + step]

@@ -233,11 +233,39 @@ class ReferenceModel:
             self._run_batch(items, batch, out, pasts, kept, budget)
         return out, kept  # type: ignore[return-value]
 
-    def _run_batch(self, items, batch: list[int], out: list, pasts: list | None = None,
-                   kept: list | None = None, budget: list | None = None) -> None:
-        pasts = pasts or [None] * len(items)
-        seqs = [items[i][0] + items[i][1] for i in batch]
-        held = [pasts[i].length if pasts[i] is not None else 0 for i in batch]
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[list[int]]) -> list[Past | None]:
+        """Keys and values of each prompt's positions before its last token, computed once
+        for every prompt given more than once (answers of several hosts to one probe), as
+        pasts for score_paths: their first pass then runs only the answers. None for a
+        prompt given once (nothing to share), or where the model cannot reuse a past or
+        the memory budget is spent."""
+        if not self.reuse_past:
+            return [None] * len(prompts)
+        counts: dict[tuple, int] = {}
+        for p in prompts:
+            if len(p) > 1:
+                counts[tuple(p)] = counts.get(tuple(p), 0) + 1
+        shared = sorted((key for key, n in counts.items() if n > 1), key=len)
+        made: dict[tuple, Past] = {}
+        budget = [self.max_past_bytes]
+        batch: list[tuple] = []
+        for key in shared + [None]:  # None: run what is left
+            if batch and (key is None or (len(key) - 1) * (len(batch) + 1) > self.max_batch_tokens):
+                with self.lock:
+                    _, pasts = self._decode([list(k[:-1]) for k in batch], [None] * len(batch), budget)
+                made.update((k, past) for k, past in zip(batch, pasts) if past is not None)
+                batch = []
+            if key is not None:
+                batch.append(key)
+        return [made.get(tuple(p)) for p in prompts]
+
+    def _decode(self, seqs: list[list[int]], pasts: list[Past | None], budget: list | None):
+        """The decoder over a batch of sequences, each continuing from its past (None: from
+        the start). Returns the last hidden states ([rows, positions, hidden]; row r's own
+        positions start at column 0 and run for len(seq) - past length) and, while
+        `budget` (bytes, a one-element list) lasts, each row's Past over all its positions."""
+        held = [p.length if p is not None else 0 for p in pasts]
         before = max(held)  # past positions, left-padded to a common length
         width = max(len(s) - h for s, h in zip(seqs, held))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -247,22 +275,33 @@ class ReferenceModel:
             ids[row, : len(s) - h] = torch.tensor(s[h:])
             mask[row, before - h : before + len(s) - h] = 1
             positions[row] = torch.arange(h, h + width)
-        cache = self._batched_cache([pasts[i] for i in batch], before) if before else None
+        cache = self._batched_cache(pasts, before) if before else None
         keep = bool(budget and budget[0] > 0)
+        # Without a past the model's own positions (0, 1, ...) are the right ones.
+        extra = {self._cache_arg: cache, "position_ids": positions.to(self.device)} if before else {}
+        res = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               use_cache=keep, **extra)
+        kept: list[Past | None] = [None] * len(seqs)
+        if keep:
+            # [layers, 2, rows, kv heads, positions, head dim]: one copy; rows are views
+            kv = torch.stack([torch.stack(pair) for pair in _cache_layers(getattr(res, self._cache_arg))])
+            for row, (s, h) in enumerate(zip(seqs, held)):
+                past = Past(kv[:, :, row, :, before - h : before + len(s) - h])
+                if past.nbytes <= budget[0]:
+                    budget[0] -= past.nbytes
+                    kept[row] = past
+        return res.last_hidden_state, kept
+
+    def _run_batch(self, items, batch: list[int], out: list, pasts: list | None = None,
+                   kept: list | None = None, budget: list | None = None) -> None:
+        pasts = pasts or [None] * len(items)
+        held = [pasts[i].length if pasts[i] is not None else 0 for i in batch]
         with self.lock:
-            # Without a past the model's own positions (0, 1, ...) are the right ones.
-            extra = {self._cache_arg: cache, "position_ids": positions.to(self.device)} if before else {}
-            res = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   use_cache=keep, **extra)
-            hidden = res.last_hidden_state
-            if keep:
-                # [layers, 2, rows, kv heads, positions, head dim]: one copy; rows are views
-                kv = torch.stack([torch.stack(pair) for pair in _cache_layers(getattr(res, self._cache_arg))])
-                for row, (idx, s, h) in enumerate(zip(batch, seqs, held)):
-                    past = Past(kv[:, :, row, :, before - h : before + len(s) - h])
-                    if past.nbytes <= budget[0]:
-                        budget[0] -= past.nbytes
-                        kept[idx] = past
+            hidden, rows_kept = self._decode([items[i][0] + items[i][1] for i in batch],
+                                             [pasts[i] for i in batch], budget)
+            for idx, past in zip(batch, rows_kept):
+                if past is not None:
+                    kept[idx] = past
             # Rows whose settings reduce alike share one LM head and one reduction: one
             # large matmul instead of one per row (the per-row launches dominated on a GPU).
             groups: dict[tuple, list[tuple[int, int, int, int]]] = {}

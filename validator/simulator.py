@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -536,7 +537,11 @@ class SimulatedNetwork:
         self.urls: dict[str, str] = {}
         self._by_port: dict[int, str] = {}
         self._sockets: list[socket.socket] = []
-        self._locks: dict[int, threading.Lock] = {}
+        # One thread per engine: engines are not thread-safe, and requests queued for a
+        # slow engine must not hold the threads a fast one needs (with one shared pool,
+        # threads waiting on a busy engine starved the others into first-byte timeouts).
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # access token -> expiry (time.time)
         self._refresh: set[str] = set()
         self._server = None
@@ -550,13 +555,12 @@ class SimulatedNetwork:
     async def generate(self, model: str, engine_name: str, messages: list[dict],
                        settings: Settings) -> str:
         engine = self.engine(model, engine_name)
-        lock = self._locks.setdefault(id(engine), threading.Lock())
-
-        def work() -> str:
-            with lock:  # engines are not thread-safe; one generation at a time each
-                return engine.generate([EngineRequest(messages, settings, settings.seed or 0)])[0]
-
-        return await asyncio.to_thread(work)
+        with self._pools_lock:
+            if id(engine) not in self._pools:
+                self._pools[id(engine)] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{engine_name}")
+            pool = self._pools[id(engine)]
+        request = EngineRequest(messages, settings, settings.seed or 0)
+        return await asyncio.get_running_loop().run_in_executor(pool, lambda: engine.generate([request])[0])
 
     def load(self) -> None:
         """Load every model the hosts need (before serving, so the first probe is not slow)."""
@@ -650,6 +654,10 @@ class SimulatedNetwork:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        with self._pools_lock:
+            for pool in self._pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+            self._pools.clear()
         self.close_sockets()
 
     def __enter__(self) -> "SimulatedNetwork":
