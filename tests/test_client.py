@@ -24,6 +24,7 @@ from validator.sampling import Settings
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 SETTINGS = Settings(temperature=0.0, top_k=10, top_p=0.9, max_tokens=64)
 FAST = Timeouts(connect=1.0, first_byte=1.0, total=3.0, backoff_base=0.05, backoff_cap=0.2)
+PATIENT = Timeouts(connect=10.0, first_byte=30.0, total=60.0)
 REASONS = {200: "OK", 401: "Unauthorized", 422: "Unprocessable Entity",
            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -519,7 +520,10 @@ def test_concurrency_smoke_and_clean_shutdown():
         async with FakeHost() as host:
             host.delay = 0.005
             sem = asyncio.Semaphore(50)
-            client = FlexstackClient(host.url, token="good", timeouts=FAST)
+            # 50 calls and the host share one event loop: on a busy 2-core box a call waits
+            # seconds for its turn before its headers go out (2.1 s measured beside two CPU
+            # hogs; CI failed so), and FAST's 1 s windows time out calls this test is not about.
+            client = FlexstackClient(host.url, token="good", timeouts=PATIENT)
 
             async def one(i):
                 async with sem:
@@ -536,6 +540,7 @@ def test_concurrency_smoke_and_clean_shutdown():
             assert asyncio.all_tasks() == {asyncio.current_task()}
             return recs, host
     recs, host = asyncio.run(main())
-    assert len(recs) == 200 and all(r.ok and r.text == host.answer for r in recs)
-    assert all(r.attempts == 1 for r in recs)
+    wrong = [(r.error, r.detail, r.attempts) for r in recs
+             if not (r.ok and r.text == host.answer and r.attempts == 1)]
+    assert len(recs) == 200 and not wrong, wrong[:5]
     assert host.connections < 200  # connections were reused
