@@ -12,6 +12,7 @@ use them; every answer comes from a real model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -23,6 +24,11 @@ from .registry import ModelSpec
 from .sampling import Settings
 
 log = logging.getLogger(__name__)
+
+# torch's CPU random generator is one per process and transformers' generate() samples
+# from it: held from seeding to the last sampled token, so that engines sampling in other
+# threads (the simulated network runs one per engine) cannot draw from this seeded stream.
+_TORCH_RNG = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,6 @@ class TransformersEngine:
                 prompts = [self.tokenizer.apply_chat_template(
                     requests[i].messages, add_generation_prompt=True, tokenize=False) for i in chunk]
                 enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-                torch.manual_seed(requests[chunk[0]].seed)
                 kwargs = dict(max_new_tokens=settings.max_tokens, repetition_penalty=1.0,
                               pad_token_id=self.tokenizer.pad_token_id or self.model.generation_config.eos_token_id)
                 if settings.greedy:
@@ -98,7 +103,8 @@ class TransformersEngine:
                 else:
                     kwargs.update(do_sample=True, temperature=settings.temperature,
                                   top_k=settings.top_k, top_p=settings.top_p)
-                with torch.inference_mode():
+                with torch.inference_mode(), (contextlib.nullcontext() if settings.greedy else _TORCH_RNG):
+                    torch.manual_seed(requests[chunk[0]].seed)
                     ids = self.model.generate(**enc, **kwargs)
                 new = ids[:, enc["input_ids"].shape[1]:]
                 for i, row in zip(chunk, new):
