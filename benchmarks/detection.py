@@ -13,8 +13,9 @@ give little evidence per answer; with fifteen, the last run caught them after up
 and 12 probes and missed one host of each, so fifteen ended before their worst case.
 
 Rounds are numbered 1..K (`--first-round`), not by the clock as a deployed daemon numbers
-them: probes derive from the secret, the round and the host, and every simulated host
-answers a given probe the same way, so the same command gives the same table.
+them: probes derive from the secret, the round and the host, so the same command sends
+the same probes. The table still varies a little between runs (the order answers arrive
+in decides which probe counts first and what the replaying cheat replays).
 
 Every host is model-backed (no fault hosts): the three honest engines of the calibration
 (transformers float32 and bfloat16, llama.cpp on the GGUF) and the eight cheats of
@@ -84,7 +85,7 @@ HONEST = {  # engine group -> host options in the network file
 SCORED = ("pass", "fail", "inconclusive")
 P_FLOOR = 1e-300  # -log10(0) would be infinite
 DEFAULTS = {"rounds": 4, "replicas": 3, "honest_replicas": 2, "probes_per_host": 5}
-FIRST_ROUND = 1  # rounds 1..K, not the clock's: the same probes, hence the same table, on every run
+FIRST_ROUND = 1  # rounds 1..K, not the clock's: the same probes on every run
 QUICK = {"rounds": 3, "replicas": 1, "honest_replicas": 1, "probes_per_host": 4}
 
 
