@@ -1,6 +1,7 @@
 """Shared fixtures. Every answer the tests score comes from a real model: SmolLM2-135M
 (transformers in float32 and bfloat16, llama.cpp on its GGUF) and Gemma-3 270M (llama.cpp)
-as the "other model". Generated once per session (validator.engines.HostFactory)."""
+as the "other model" (validator.engines.HostFactory), recorded in tests/data and
+regenerated whenever what decides them changes (tests/answers.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from validator.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E4
 from validator.reference import ReferenceModel  # noqa: E402
 from validator.registry import Registry  # noqa: E402
 from validator.scoring import Tolerances  # noqa: E402
+
+from .answers import load_or_generate  # noqa: E402
 
 MODEL = "smollm2-135m"
 HONEST_PROMPTS = 38  # x (greedy + sampled) x 4 honest hosts = 304 honest answers
@@ -61,18 +64,31 @@ def hosts(registry) -> HostFactory:
 
 
 @pytest.fixture(scope="session")
-def honest_records(hosts, probes) -> dict[str, list[dict]]:
-    return {name: hosts.records(name, probes) for name in HostFactory.HONEST}
-
-
-@pytest.fixture(scope="session")
-def cheat_records(hosts, probes, honest_records) -> dict[str, list[dict]]:
+def recorded_answers(hosts, probes) -> dict[str, dict[str, list[dict]]]:
+    """Real engines' answers, generated once and kept in tests/data (tests/answers.py)."""
     # Probes alternate greedy and sampled; greedy-when-sampling answers only sampled ones.
     subset = {"cheat-greedy-when-sampling": probes[: 2 * GENERATED_CHEAT_ANSWERS],
               "cheat-truncated": probes, "cheat-replayed": probes}
     count = {"cheat-truncated": CHEAT_ANSWERS, "cheat-replayed": CHEAT_ANSWERS}
-    return {name: hosts.records(name, subset.get(name, probes[:GENERATED_CHEAT_ANSWERS]))
-            [:count.get(name, GENERATED_CHEAT_ANSWERS)] for name in HostFactory.CHEATS}
+
+    def generate():
+        return {"honest": {name: hosts.records(name, probes) for name in HostFactory.HONEST},
+                "cheat": {name: hosts.records(name, subset.get(name, probes[:GENERATED_CHEAT_ANSWERS]))
+                          [:count.get(name, GENERATED_CHEAT_ANSWERS)] for name in HostFactory.CHEATS}}
+
+    plan = {"honest": HostFactory.HONEST, "cheats": HostFactory.CHEATS,
+            "cheat_answers": CHEAT_ANSWERS, "generated_cheat_answers": GENERATED_CHEAT_ANSWERS}
+    return load_or_generate(hosts, probes, plan, generate)
+
+
+@pytest.fixture(scope="session")
+def honest_records(recorded_answers) -> dict[str, list[dict]]:
+    return recorded_answers["honest"]
+
+
+@pytest.fixture(scope="session")
+def cheat_records(recorded_answers) -> dict[str, list[dict]]:
+    return recorded_answers["cheat"]
 
 
 # PostgreSQL is part of this project's environment (CI's machine runs it), so a missing
