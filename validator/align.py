@@ -122,7 +122,7 @@ class Aligner:
         for item in items:
             data = item.text.encode("utf-8", errors="surrogatepass")
             memo: dict = {}
-            path = self._make_path(item, data, [], [], self._canonical(data), memo)
+            path = self._make_path(item, data, [], [], self._canonical(data, item.settings.greedy), memo)
             states.append(_State(item=item, data=data, path=path, memo=memo))
         need = list(states)
         # The first pass starts from each shared prompt's keys and values, computed once.
@@ -180,22 +180,25 @@ class Aligner:
         return s.past.upto(len(s.item.prompt) - 1 + first)
 
     # -- paths -----------------------------------------------------------------------
-    def _canonical(self, data: bytes) -> list[int]:
+    def _canonical(self, data: bytes, merge_runs: bool) -> list[int]:
         """The tokenizer's own segmentation when it reproduces the bytes, else the
         fewest-tokens segmentation (for text that starts mid-character, say)."""
         try:
             text = data.decode("utf-8")
             ids = self.ref.canonical_ids(text)
             if b"".join(self.table.bytes[t] for t in ids) == data:
-                return self._merge_whitespace_runs(ids)
+                return self._merge_whitespace_runs(ids) if merge_runs else ids
         except UnicodeDecodeError:
             pass
         return self.table.segment(data) or []
 
     def _merge_whitespace_runs(self, ids: list[int]) -> list[int]:
         """Models emit runs of whitespace ("\n\n") as one token where the tokenizer
-        writes several; start from the fewest tokens for each run (the commonest
-        segmentation artefact in honest answers, measured on the calibration set)."""
+        writes several; greedy settings start from the fewest tokens for each run (the
+        commonest segmentation artefact in honest answers, measured on the calibration
+        set; a likelier split is proposed by the walk). Sampled settings start split
+        and propose the merge (_likelier_merged_run): a merged start hid the runs a
+        sampling model had split, as no token there looks suspicious."""
         out: list[int] = []
         run: list[int] = []
         for t in ids + [-1]:
@@ -262,6 +265,10 @@ class Aligner:
                         and self._untried(s, i, cands[best])):
                     self._propose(s, i, cands[best])
                     return
+                merged = None if item.settings.greedy else self._likelier_merged_run(s, i, m)
+                if merged is not None:
+                    self._propose(s, i, merged)
+                    return
                 if self._troubled(feats, i, item) and self._look_back(s, i):
                     return
             elif not item.settings.length_stop(len(path.tokens)):
@@ -274,6 +281,27 @@ class Aligner:
                         return
             s.step += 1
         s.done = True
+
+    def _likelier_merged_run(self, s: _State, i: int, m: np.ndarray) -> int | None:
+        """Sampled settings start a whitespace run split, as the tokenizer writes it, and
+        a sampling model emits both "\n\n" and "\n" + "\n". This pass already holds both
+        sides: the merged token's probability at step i and the pair's at steps i and
+        i + 1. Returns the merged token if it is the likelier (and untried), so the
+        proposal costs a pass only where the evidence favours it."""
+        path, table = s.path, self.table
+        if i + 1 >= len(path.tokens):
+            return None
+        start = path.ends[i - 1] if i else 0
+        if not start < path.ends[i] < path.ends[i + 1]:  # an implied token: no text to merge
+            return None
+        a, b = table.bytes[path.tokens[i]], table.bytes[path.tokens[i + 1]]
+        if a.strip() or b.strip():
+            return None
+        pair = m[0] + measure(path.feats, i + 1, slice(0, 1), s.item.settings, s.item.support_tolerance)[0]
+        for t in table.exact.get(a + b, ()):
+            if t in path.cands[i] and m[path.cands[i].index(t)] > pair + BRANCH_MARGIN and self._untried(s, i, t):
+                return t
+        return None
 
     @staticmethod
     def _troubled(feats: StepFeatures, i: int, item: AlignItem) -> bool:
@@ -339,7 +367,7 @@ class Aligner:
             fill, rejoin = [], i  # the current path resumes right after the new token
         else:
             rejoin = next(j for j in range(i, len(path.tokens)) if path.ends[j] >= new_end) + 1
-            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]])
+            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]], s.item.settings.greedy)
         tokens = path.tokens[:i] + [token]
         ends = path.ends[:i] + [new_end]
         s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:], s.memo)
