@@ -11,6 +11,27 @@ from validator.probes import load_bank
 from validator.sampling import Settings
 
 
+# Text the tokenizer's own call and ReferenceModel.canonical_ids (the Rust tokenizer
+# underneath) must split alike: whitespace runs and ends, tabs, accents, emoji, CJK, code,
+# a chat template's special-token text, the empty string.
+TOKENIZER_EDGE_TEXTS = ["", " ", "\n", "\n\n\n", "  leading and trailing  ", "a\tb\t\tc", "Hello  world\n\nhi é 😀",
+                        "def f(x):\n    return x ** 2\n", "中文字符和 English 混合", "<|im_end|> <end_of_turn>",
+                        "l'été — “quotes” …", "x" * 300, "🍋🍋 ", "\r\n\r\nend"]
+
+
+def assert_canonical_ids_match_the_tokenizer(ref, texts):
+    for text in TOKENIZER_EDGE_TEXTS + list(texts):
+        pieces = [text] + [text[a:b] for a, b in ((0, 7), (3, 11), (len(text) // 2, len(text)))]
+        for piece in pieces:
+            assert ref.canonical_ids(piece) == list(ref.tokenizer(piece, add_special_tokens=False)["input_ids"]), piece
+
+
+def test_canonical_ids_match_the_tokenizer(ref, honest_records, cheat_records):
+    answers = [r["response"] for recs in (honest_records, cheat_records) for rs in recs.values() for r in rs]
+    assert len(answers) > 300
+    assert_canonical_ids_match_the_tokenizer(ref, answers)
+
+
 def _generated(ref, n=16, settings=Settings(temperature=0.0, max_tokens=64)):
     prompts = [ref.prompt_ids(p.messages) for p in load_bank("configs/prompts/general.yaml")[40:40 + n]]
     outs = ref.generate(prompts, [settings] * n, list(range(n)))

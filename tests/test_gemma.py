@@ -12,6 +12,8 @@ from validator.engines import LlamaCppEngine, answer_records
 from validator.probes import greedy_and_sampled, load_bank, load_mix
 from validator.reference import ReferenceModel
 
+from .test_align import assert_canonical_ids_match_the_tokenizer
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,6 +29,7 @@ def test_gemma_prompt_and_token_bytes(gemma):
         toks = gemma.canonical_ids(text)
         assert b"".join(gemma.table.bytes[t] for t in toks) == text.encode()
     assert gemma.tokenizer.convert_tokens_to_ids("<end_of_turn>") in gemma.eos_ids
+    assert_canonical_ids_match_the_tokenizer(gemma, [p.messages[-1]["content"] for p in load_bank("configs/prompts/general.yaml")])
 
 
 def test_gemma_honest_llama_cpp_answers_pass(gemma, registry):

@@ -51,6 +51,9 @@ class Path:
     ends: list[int]  # bytes of the text covered after each token
     cands: list[list[int]]  # per step; cands[i][0] is tokens[i]; last step: EOS ids first
     feats: StepFeatures | None = None
+    # (feats, measure of every candidate [steps, columns], suspicious steps [tokens]) for
+    # the walk, computed once per pass instead of once per step (see Aligner._views)
+    views: tuple | None = None
 
 
 @dataclass
@@ -94,22 +97,34 @@ class _State:
     memo: dict = field(default_factory=dict)  # candidates by position, see _make_path
 
 
-def measure(feats: StepFeatures, step: int, columns: np.ndarray | slice, settings: Settings,
+def measure(feats: StepFeatures, step: int | slice, columns: slice, settings: Settings,
             tolerance: float) -> np.ndarray:
-    """How attractive each candidate is at a step: the log-prob at temperature 1 for
-    greedy settings; for sampled settings the log-prob under the warped distribution,
-    the better of the two orders, with tokens just outside the support clipped to its
-    edge and tokens far outside penalised."""
+    """How attractive each candidate is at a step (or, for a slice of steps, at each of
+    them: [steps, columns]): the log-prob at temperature 1 for greedy settings; for
+    sampled settings the log-prob under the warped distribution, the better of the two
+    orders, with tokens just outside the support clipped to its edge and tokens far
+    outside penalised."""
     logp = feats.cand_logp[step, columns]
     if settings.greedy:
         return logp
     best = np.full(logp.shape, -np.inf)
     for o in range(2):
-        edge = feats.boundary[step, o]
+        edge = feats.boundary[step, o, None]  # [1] for one step, [steps, 1] for a slice
         clipped = np.maximum(logp, edge) if tolerance > 0 else logp
-        logq = np.where(logp >= edge - tolerance, clipped / settings.temperature - feats.log_z[step, o], -np.inf)
+        logq = np.where(logp >= edge - tolerance,
+                        clipped / settings.temperature - feats.log_z[step, o, None], -np.inf)
         best = np.maximum(best, logq)
     return np.where(np.isfinite(best), best, logp - OUTSIDE_SUPPORT_PENALTY)
+
+
+def troubled(feats: StepFeatures, steps: slice, settings: Settings) -> np.ndarray:
+    """Tokens the reference finds suspicious (greedy: well below its choice; sampled: well
+    outside the support, as at the edge is normal): maybe an earlier segmentation choice
+    (locally best, globally wrong) put them there."""
+    logp = feats.cand_logp[steps, 0]
+    if settings.greedy:
+        return feats.max_logp[steps] - logp > TROUBLE_GAP
+    return logp < feats.boundary[steps].min(axis=-1) - TROUBLE_GAP
 
 
 class Aligner:
@@ -142,10 +157,10 @@ class Aligner:
                     s.past = past
                     # Far more suspicious tokens than segmentation artefacts ever explain:
                     # the answer is off, and re-segmenting it would only cost passes.
-                    troubled = sum(self._troubled(f, i, s.item) for i in range(len(s.path.tokens)))
-                    s.done = troubled > max(MAX_TROUBLED, TROUBLED_SHARE * len(s.path.tokens))
+                    count = int(self._views(s)[1].sum())
+                    s.done = count > max(MAX_TROUBLED, TROUBLED_SHARE * len(s.path.tokens))
                     # One or two suspicious tokens look like an artefact: try harder there.
-                    s.reject_budget = MAX_REJECTED + 3 if troubled <= 2 else MAX_REJECTED
+                    s.reject_budget = MAX_REJECTED + 3 if count <= 2 else MAX_REJECTED
             need = []
             for s in states:
                 if not s.done and not s.complete_from:
@@ -215,9 +230,12 @@ class Aligner:
         return out
 
     def _make_path(self, item: AlignItem, data: bytes, tokens: list[int], ends: list[int],
-                   rest: list[int], memo: dict) -> Path:
+                   rest: list[int], memo: dict, head: list[list[int]] = (), tail: list[list[int]] = ()) -> Path:
         """memo: the answer's candidates by (byte position, leading whitespace allowed);
-        a proposal shares most positions with the path it changes."""
+        a proposal shares most positions with the path it changes, and it passes that
+        path's candidate lists for its first len(head) steps and last len(tail) token
+        steps (the same tokens at the same bytes; a tail only where text precedes it, as
+        the leading whitespace allowed at byte 0 depends on the steps before)."""
         tokens = list(tokens)
         ends = list(ends)
         pos = ends[-1] if ends else 0
@@ -225,11 +243,12 @@ class Aligner:
             pos += len(self.table.bytes[t])
             tokens.append(t)
             ends.append(pos)
-        cands: list[list[int]] = []
+        cands: list[list[int]] = list(head)
         strip = item.allow_stripped_whitespace
-        leading = 0
-        prev = 0
-        for i, t in enumerate(tokens):
+        leading = ends[: len(head)].count(0)
+        prev = ends[len(head) - 1] if head else 0
+        for i in range(len(head), len(tokens) - len(tail)):
+            t = tokens[i]
             lead = strip and prev == 0 and leading < MAX_IMPLIED
             found = memo.get((prev, lead))
             if found is None:
@@ -238,8 +257,13 @@ class Aligner:
             if ends[i] == 0:
                 leading += 1
             prev = ends[i]
-        trailing = sum(1 for i in range(len(tokens) - 1, -1, -1)
-                       if ends[i] == len(data) and (i == 0 or ends[i - 1] == len(data)))
+        cands += tail
+        prev = ends[-1] if ends else 0
+        trailing = 0  # tokens that cover nothing after the text's last byte
+        for i in range(len(tokens) - 1, -1, -1):
+            if ends[i] != len(data) or (i and ends[i - 1] != len(data)):
+                break
+            trailing += 1
         last = list(self.table.eos_ids)
         if strip and trailing < MAX_IMPLIED and prev == len(data):
             last += self.table.whitespace
@@ -247,14 +271,28 @@ class Aligner:
         return Path(tokens, ends, cands)
 
     # -- the walk --------------------------------------------------------------------
+    @staticmethod
+    def _views(s: _State) -> tuple[np.ndarray, np.ndarray]:
+        """The current path's measure of every candidate at every step, and its suspicious
+        tokens: array operations once per pass rather than once per step (the aligner's
+        Python is a large share of a GPU's scoring time)."""
+        path, item = s.path, s.item
+        if path.views is None or path.views[0] is not path.feats:
+            everything = slice(None)
+            path.views = (path.feats,
+                          measure(path.feats, everything, everything, item.settings, item.support_tolerance),
+                          troubled(path.feats, slice(0, len(path.tokens)), item.settings))
+        return path.views[1], path.views[2]
+
     def _walk(self, s: _State) -> None:
-        path, item, feats = s.path, s.item, s.path.feats
+        path, item = s.path, s.item
+        measured, suspicious = self._views(s)
         while s.step <= len(path.tokens):
             i = s.step
             cands = path.cands[i]
             if s.branches >= MAX_BRANCHES or s.rejected >= s.reject_budget:
                 break
-            m = measure(feats, i, slice(0, len(cands)), item.settings, item.support_tolerance)
+            m = measured[i, : len(cands)]
             if i < len(path.tokens):
                 # Greedy: the host emitted its argmax, so a clearly likelier token that also
                 # matches the text is probably what it emitted. Sampled: a likelier token
@@ -265,11 +303,11 @@ class Aligner:
                         and self._untried(s, i, cands[best])):
                     self._propose(s, i, cands[best])
                     return
-                merged = None if item.settings.greedy else self._likelier_merged_run(s, i, m)
+                merged = None if item.settings.greedy else self._likelier_merged_run(s, i, measured)
                 if merged is not None:
                     self._propose(s, i, merged)
                     return
-                if self._troubled(feats, i, item) and self._look_back(s, i):
+                if suspicious[i] and self._look_back(s, i, measured):
                     return
             elif not item.settings.length_stop(len(path.tokens)):
                 # An early stop: is whitespace the API stripped more likely than ending?
@@ -282,7 +320,7 @@ class Aligner:
             s.step += 1
         s.done = True
 
-    def _likelier_merged_run(self, s: _State, i: int, m: np.ndarray) -> int | None:
+    def _likelier_merged_run(self, s: _State, i: int, measured: np.ndarray) -> int | None:
         """Sampled settings start a whitespace run split, as the tokenizer writes it, and
         a sampling model emits both "\n\n" and "\n" + "\n". This pass already holds both
         sides: the merged token's probability at step i and the pair's at steps i and
@@ -297,20 +335,12 @@ class Aligner:
         a, b = table.bytes[path.tokens[i]], table.bytes[path.tokens[i + 1]]
         if a.strip() or b.strip():
             return None
-        pair = m[0] + measure(path.feats, i + 1, slice(0, 1), s.item.settings, s.item.support_tolerance)[0]
+        m = measured[i]
+        pair = m[0] + measured[i + 1, 0]
         for t in table.exact.get(a + b, ()):
             if t in path.cands[i] and m[path.cands[i].index(t)] > pair + BRANCH_MARGIN and self._untried(s, i, t):
                 return t
         return None
-
-    @staticmethod
-    def _troubled(feats: StepFeatures, i: int, item: AlignItem) -> bool:
-        """A token the reference finds suspicious: maybe an earlier segmentation choice
-        (locally best, globally wrong) put it there."""
-        logp = feats.cand_logp[i, 0]
-        if item.settings.greedy:
-            return feats.max_logp[i] - logp > TROUBLE_GAP
-        return logp < feats.boundary[i].min() - TROUBLE_GAP  # at the edge is normal
 
     def _untried(self, s: _State, i: int, token: int) -> bool:
         key = (s.path.ends[i - 1] if i else 0, token)
@@ -319,15 +349,15 @@ class Aligner:
         s.tried.add(key)
         return True
 
-    def _look_back(self, s: _State, i: int) -> bool:
+    def _look_back(self, s: _State, i: int, measured: np.ndarray) -> bool:
         """Propose, at one of the last few steps up to i, the most likely token that ends
         on another byte than the current one (a different segmentation there)."""
-        path, item = s.path, s.item
+        path = s.path
         best = None
         for k in range(max(0, i - LOOK_BACK), i + 1):
             start = path.ends[k - 1] if k else 0
             cands = path.cands[k]
-            m = measure(path.feats, k, slice(0, len(cands)), item.settings, item.support_tolerance)
+            m = measured[k, : len(cands)]
             for c in np.argsort(-m[1:]) + 1:
                 token = cands[int(c)]
                 if start + self._covered(s.data, start, token) == path.ends[k]:
@@ -370,7 +400,9 @@ class Aligner:
             fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]], s.item.settings.greedy)
         tokens = path.tokens[:i] + [token]
         ends = path.ends[:i] + [new_end]
-        s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:], s.memo)
+        tail = path.cands[rejoin : len(path.tokens)] if rejoin and path.ends[rejoin - 1] else []
+        s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:], s.memo,
+                                    head=path.cands[:i], tail=tail)
         s.pending_step = i
         # Compare the two paths up to and including the first token after they rejoin.
         s.compare = (i + 1 + len(fill) + 1, rejoin + 1)

@@ -106,9 +106,16 @@ class Auditor:
         self.rule = rule
         self.aligner = Aligner(ref)
         self.reruns = ref.reruns  # per probe, shared by every audit on this model
+        # Prompt ids per conversation: every host gets the same probes, and the chat
+        # template is the slowest step of preparing an answer.
+        self.prompts: dict[str, list[int]] = {}
 
     def prepare(self, job: Job) -> None:
-        job.prompt = self.ref.prompt_ids([m.model_dump() for m in job.record.messages])
+        messages = [m.model_dump() for m in job.record.messages]
+        key = json.dumps(messages, sort_keys=True)
+        if key not in self.prompts:
+            self.prompts[key] = self.ref.prompt_ids(messages)
+        job.prompt = self.prompts[key]
         room = self.ref.max_positions - job.settings.max_tokens - 8
         if len(job.prompt) > room:
             raise InputError(f"prompt of {len(job.prompt)} tokens leaves no room for max_tokens="

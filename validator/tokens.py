@@ -9,8 +9,8 @@ each position in the text, the tokens whose bytes match the text there.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -62,8 +62,7 @@ def token_bytes(tokenizer) -> list[bytes]:
     return out
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):  # a tuple: the aligner builds thousands per answer
     token: int
     consumed: int  # bytes of the answer this token covers (0 for whitespace the API stripped)
 
