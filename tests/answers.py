@@ -12,57 +12,75 @@ exercised live by the default run (tests/test_engines.py, the simulator, the dem
 
 Answers recorded on one machine and scored on another are still honest answers: an
 honest host's hardware is never the validator's, and the scorer must tolerate that.
+
+The reference model's own fixed-seed generations that the aligner and scoring tests read
+(`reference_generations`: 92 answers, 75 s of the run on that machine) are kept the
+same way in tests/data/generations.jsonl, one row per use, under a fingerprint of the
+generation code (ReferenceModel.generate and sample_next, not the rest of reference.py),
+the model, the packages, the prompts, settings and seeds. The reference still generates
+live in the default run (the web tests' network, the audit's re-run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
 import validator.engines
+import validator.reference
 import validator.registry
 import validator.sampling
 
 ANSWERS_FILE = Path(__file__).parent / "data" / "answers.jsonl"
+GENERATIONS_FILE = Path(__file__).parent / "data" / "generations.jsonl"
 # Whatever decides an engine's answer besides the probe: the engines' code, the GGUF
 # conversion (registry.py), the settings' meaning, the model list, and these packages.
 SOURCES = (validator.engines.__file__, validator.registry.__file__, validator.sampling.__file__)
 PACKAGES = ("torch", "transformers", "llama_cpp_python", "tokenizers", "gguf")
 
 
-def _model_packages(registry) -> dict[str, str]:
+def _model_packages(specs) -> dict[str, str]:
     """Versions of the packages that ship the models' weights."""
     dists = importlib.metadata.packages_distributions()
     out = {}
-    for spec in registry.models.values():
+    for spec in specs:
         module = spec.checkpoint.get("package")
         for dist in dists.get(module, []) if module else []:
             out[dist] = importlib.metadata.version(dist)
     return out
 
 
-def fingerprint(factory, probes, plan: dict) -> str:
-    """Everything that decides the recorded answers, hashed."""
+def _package_versions() -> dict[str, str | None]:
     versions = {}
     for dist in PACKAGES:
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
+    return versions
+
+
+def _digest(what) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(factory, probes, plan: dict) -> str:
+    """Everything that decides the recorded answers, hashed."""
     what = {
         "sources": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest()
                     for p in (*SOURCES, factory.registry.path)},
-        "packages": versions,
-        "model_packages": _model_packages(factory.registry),
+        "packages": _package_versions(),
+        "model_packages": _model_packages(factory.registry.models.values()),
         "factory": [factory.model, factory.other_model, factory.seed],
         "probes": [[getattr(p, "id", None), p.messages, s.as_configs()] for p, s in probes],
         "plan": plan,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest(what)
 
 
 def load_or_generate(factory, probes, plan: dict,
@@ -91,3 +109,41 @@ def load_or_generate(factory, probes, plan: dict,
                     f.write(json.dumps({"group": group, "record": record}, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return answers
+
+
+def generation_fingerprint(ref, prompts, settings, seeds) -> str:
+    """Everything that decides the reference's own generations, hashed: the generation
+    code itself rather than reference.py (scoring changes there do not touch it)."""
+    code = (validator.reference.ReferenceModel.generate, validator.reference.ReferenceModel._generate_batch,
+            validator.sampling.sample_next)
+    what = {
+        "code": [inspect.getsource(f) for f in code],
+        "packages": _package_versions(),
+        "model_packages": _model_packages([ref.spec]),
+        "model": [ref.spec.name, ref.spec.dtype, ref.spec.checkpoint, ref.eos_ids, ref.pad_id],
+        "requests": [[list(p), s.as_configs(), int(seed)] for p, s, seed in zip(prompts, settings, seeds)],
+    }
+    return _digest(what)
+
+
+def reference_generations(ref, name: str, prompts, settings, seeds,
+                          path: Path = GENERATIONS_FILE) -> list[list[int]]:
+    """`ref.generate(prompts, settings, seeds)`, read from the row `name` of the file when
+    its fingerprint matches, else generated and that row rewritten."""
+    key = generation_fingerprint(ref, prompts, settings, seeds)
+    rows: dict[str, dict] = {}
+    if path.exists():
+        with path.open(encoding="utf-8") as f:
+            rows = {row["name"]: row for row in map(json.loads, f)}
+    row = rows.get(name)
+    if row and row["fingerprint"] == key and not os.environ.get("VALIDATOR_FRESH_ANSWERS"):
+        return row["tokens"]
+    tokens = [list(map(int, t)) for t in ref.generate(list(prompts), list(settings), list(seeds))]
+    rows[name] = {"name": name, "fingerprint": key, "tokens": tokens}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in sorted(rows.values(), key=lambda r: r["name"]):
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return tokens

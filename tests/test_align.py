@@ -10,6 +10,8 @@ from validator.align import MAX_BRANCHES, AlignItem, Aligner
 from validator.probes import load_bank
 from validator.sampling import Settings
 
+from .answers import reference_generations
+
 
 # Text the tokenizer's own call and ReferenceModel.canonical_ids (the Rust tokenizer
 # underneath) must split alike: whitespace runs and ends, tabs, accents, emoji, CJK, code,
@@ -33,8 +35,10 @@ def test_canonical_ids_match_the_tokenizer(ref, honest_records, cheat_records):
 
 
 def _generated(ref, n=16, settings=Settings(temperature=0.0, max_tokens=64)):
+    """The reference's own fixed-seed answers (recorded: tests/answers.py)."""
     prompts = [ref.prompt_ids(p.messages) for p in load_bank("configs/prompts/general.yaml")[40:40 + n]]
-    outs = ref.generate(prompts, [settings] * n, list(range(n)))
+    name = f"test_align {'greedy' if settings.greedy else 'sampled'}"
+    outs = reference_generations(ref, name, prompts, [settings] * n, list(range(n)))
     return prompts, outs
 
 
@@ -58,9 +62,9 @@ def test_recovers_generated_tokens_where_canonical_tokenisation_does_not(ref):
 def test_recovers_sampled_tokens(ref):
     """Sampled answers: a sampling model emits a whitespace run both as one token and
     as several, and nothing looks suspicious either way. Started merged, the aligner
-    recovered 14 of these 16 on an AMD EPYC CPU (canonical tokenisation 12; 56 of the
-    bank's first 64, canonical 57); started split with the merge proposed where this
-    pass shows it likelier, 59 of 64."""
+    recovered 14 of 16 such answers on an AMD EPYC CPU (canonical tokenisation 12; 56 of
+    the bank's first 64, canonical 57); started split with the merge proposed where this
+    pass shows it likelier, 59 of 64, and all 16 of the recorded ones (canonical 14)."""
     aligned_same, canonical_same, n = _recovered(
         ref, Settings(temperature=1.0, top_k=0, top_p=0.95, max_tokens=64))
     assert aligned_same >= canonical_same, (aligned_same, canonical_same)

@@ -1,12 +1,15 @@
-"""The recorded answers (tests/answers.py) are reused only while nothing that decides
-them has changed; otherwise they are generated again and the file rewritten."""
+"""The recorded answers and reference generations (tests/answers.py) are reused only
+while nothing that decides them has changed; otherwise they are generated again and the
+file rewritten."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
-from .answers import fingerprint, load_or_generate
+from validator.sampling import Settings
+
+from .answers import fingerprint, generation_fingerprint, load_or_generate, reference_generations
 
 
 def _generator(calls: list):
@@ -47,3 +50,29 @@ def test_fresh_answers_can_be_forced(tmp_path, hosts, probes, monkeypatch):
     monkeypatch.setenv("VALIDATOR_FRESH_ANSWERS", "1")
     load_or_generate(hosts, probes, {}, _generator(calls), path=path)
     assert len(calls) == 2
+
+
+def test_reference_generations_are_reused_only_under_the_same_fingerprint(tmp_path, ref, monkeypatch):
+    path = tmp_path / "generations.jsonl"
+    calls: list = []
+
+    def generate(prompts, settings, seeds):
+        calls.append(list(seeds))
+        return [[7, seed] for seed in seeds]
+
+    monkeypatch.setattr(ref, "generate", generate)  # this instance only, undone after the test
+    greedy, sampled = Settings(temperature=0.0, max_tokens=8), Settings(temperature=1.0, max_tokens=8)
+    first = reference_generations(ref, "a", [[1, 2]], [greedy], [3], path=path)
+    assert first == [[7, 3]] and len(calls) == 1
+    assert reference_generations(ref, "a", [[1, 2]], [greedy], [3], path=path) == first
+    assert len(calls) == 1, "same fingerprint: read from the file, not generated"
+    # another use keeps its own row; another setting or seed is generated afresh
+    reference_generations(ref, "b", [[1, 2]], [sampled], [3], path=path)
+    reference_generations(ref, "a", [[1, 2]], [greedy], [4], path=path)
+    assert calls == [[3], [3], [4]]
+    assert generation_fingerprint(ref, [[1, 2]], [greedy], [3]) != generation_fingerprint(ref, [[1, 2]], [sampled], [3])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["name"], r["tokens"]) for r in rows] == [("a", [[7, 4]]), ("b", [[7, 3]])]
+    monkeypatch.setenv("VALIDATOR_FRESH_ANSWERS", "1")
+    reference_generations(ref, "b", [[1, 2]], [sampled], [3], path=path)
+    assert len(calls) == 4

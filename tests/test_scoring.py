@@ -14,17 +14,20 @@ from validator.sampling import Settings
 from validator.scoring import Tolerances, score
 from validator.similarity import similarity
 
+from .answers import reference_generations
+
 
 @pytest.fixture(scope="module")
 def own_samples(ref):
     """Answers sampled by the reference itself (transformers' order, per-probe seeds):
-    exactly the distribution the statistic assumes."""
+    exactly the distribution the statistic assumes (recorded: tests/answers.py)."""
     bank = load_bank("configs/prompts/general.yaml")[:20]
     prompts = [ref.prompt_ids(p.messages) for p in bank]
     out = {}
     for settings in (Settings(temperature=0.7, top_k=50, top_p=0.5, max_tokens=48),
                      Settings(temperature=1.0, top_k=0, top_p=0.95, max_tokens=48)):
-        toks = ref.generate(prompts, [settings] * len(prompts), list(range(100, 100 + len(prompts))))
+        toks = reference_generations(ref, f"test_scoring own t={settings.temperature}", prompts,
+                                     [settings] * len(prompts), list(range(100, 100 + len(prompts))))
         texts = [ref.tokenizer.decode(t) for t in toks]
         out[settings] = (prompts, texts)
     return out
@@ -51,7 +54,8 @@ def test_statistic_flags_greedy_answers_to_sampled_requests(ref, tolerances, own
     # top-p 0.5 many steps keep one token and greedy decoding is nearly honest sampling.)
     settings, (prompts, _) = list(own_samples.items())[1]
     greedy = Settings(temperature=0.0, max_tokens=settings.max_tokens)
-    texts = [ref.tokenizer.decode(t) for t in ref.generate(prompts, [greedy] * len(prompts), [0] * len(prompts))]
+    texts = [ref.tokenizer.decode(t) for t in reference_generations(
+        ref, "test_scoring greedy", prompts, [greedy] * len(prompts), [0] * len(prompts))]
     scores = _scores(ref, tolerances, prompts, texts, settings)
     z = np.array([s.metrics["sampled"]["z"]["transformers"] for s in scores])
     assert z.mean() > 1.0
