@@ -12,10 +12,12 @@ use them; every answer comes from a real model.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import random
 import threading
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -112,12 +114,22 @@ class TransformersEngine:
         return out
 
 
+def _close_llama(ref: weakref.ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.close()
+
+
 class LlamaCppEngine:
     def __init__(self, gguf: str | Path, chat_template: str | None = None, name: str = "llama.cpp",
                  n_ctx: int = 4096, threads: int = 2):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        # llama-cpp-python frees the model in __del__, which at interpreter exit can run
+        # after its module's globals are gone ("TypeError: 'NoneType' object is not
+        # callable" after every run): free it while they still exist.
+        atexit.register(_close_llama, weakref.ref(self.llm))
         self.template = chat_template or self.llm.metadata.get("tokenizer.chat_template")
         if not self.template:
             raise ValueError(f"{gguf} carries no chat template; pass one")
