@@ -311,6 +311,41 @@ def test_host_scores_and_feedback(store):
     assert store.feedback_for("other") == []
 
 
+def test_host_outcomes_are_the_reputation_columns_of_host_scores(store):
+    """The narrow read the daemon's reputation refresh uses gives, row for row and in the
+    same order, what the full rows hold: scored, unscorable, unscored and failed calls."""
+    from validator.daemon import outcomes
+
+    store.add_host("h", "http://h", "smollm2-135m")
+    store.add_host("other", "http://o", "smollm2-135m")
+    ids = answered(store, "h", 4)
+    failed = answered(store, "h", 2, round_=2, ok=False)
+    answered(store, "other", 2)
+    store.record_score(ids[0], "pass", 0.7, ["ok"], {"tokens": 5}, "v1")
+    store.record_score(ids[1], "fail", 1e-9, ["made up"], {"tokens": 9}, "v1")
+    # an unscorable answer carries no evidence, even with a p-value stored beside it
+    store.record_score(ids[2], "error", 0.5, ["reference failed"], {}, "v1")
+
+    full = store.host_scores("h")
+    narrow = store.host_outcomes("h")
+    assert len(narrow) == len(full) == 6
+    expected = [(r["probe"]["id"], r["dispatch"]["finished_at"], r["dispatch"]["error"],
+                 r["dispatch"]["ttfb_s"], r["dispatch"]["total_s"], r["dispatch"]["bytes"],
+                 r["score"] and r["score"]["verdict"], r["score"] and r["score"]["p_value"])
+                for r in full]
+    assert narrow == expected
+    assert [o[0] for o in narrow[:2]] == failed[::-1]  # newest first
+    by_id = {o.probe_id: o for o in outcomes(store, "h")}
+    assert (by_id[ids[0]].verdict, by_id[ids[0]].p_value) == ("pass", 0.7)
+    assert (by_id[ids[1]].verdict, by_id[ids[1]].p_value) == ("fail", 1e-9)
+    assert (by_id[ids[2]].verdict, by_id[ids[2]].p_value, by_id[ids[2]].answered) == ("error", None, True)
+    assert (by_id[ids[3]].verdict, by_id[ids[3]].scored) == (None, False)
+    assert [by_id[f].answered for f in failed] == [False, False]
+    assert [by_id[f].error for f in failed] == ["timeout", "timeout"]
+    with pytest.raises(ValueError, match="no host named"):
+        store.host_outcomes("nobody")
+
+
 # -- several processes ------------------------------------------------------------------
 
 def _worker(kind: str, url: str, owner: str, barrier, results) -> None:

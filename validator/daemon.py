@@ -290,15 +290,11 @@ def _now():
 
 def outcomes(store: Store, host: str) -> list[Outcome]:
     """A host's probe outcomes, as reputation reads them, from the stored answers."""
-    out = []
-    for r in store.host_scores(host):
-        d, sc = r["dispatch"], r["score"]
-        verdict = sc["verdict"] if sc else None
-        out.append(Outcome(probe_id=r["probe"]["id"], at=d["finished_at"], verdict=verdict,
-                           p_value=sc["p_value"] if sc and verdict != "error" else None,
-                           error=d["error"], ttfb_s=d["ttfb_s"], total_s=d["total_s"],
-                           bytes=d["bytes"] or 0))
-    return out
+    return [Outcome(probe_id=probe_id, at=at, verdict=verdict,
+                    p_value=p_value if verdict != "error" else None, error=error,
+                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0)
+            for probe_id, at, error, ttfb_s, total_s, nbytes, verdict, p_value
+            in store.host_outcomes(host)]
 
 
 def refresh_reputation(store: Store, host: str, config: ReputationConfig) -> Transition | None:

@@ -590,9 +590,10 @@ class Store:
             return self._insert_new(s, Score, values, "probe_id")
 
     @staticmethod
-    def _answers(host_id: int):
-        """SELECT (Probe, Dispatch, Score or None) of a host's answers, newest first."""
-        return (select(Probe, Dispatch, Score)
+    def _answers(host_id: int, *columns):
+        """SELECT `columns` (default: Probe, Dispatch, Score or None) of a host's answers,
+        newest first."""
+        return (select(*(columns or (Probe, Dispatch, Score)))
                 .join(Dispatch, Dispatch.probe_id == Probe.id)
                 .outerjoin(Score, Score.probe_id == Probe.id)
                 .where(Probe.host_id == host_id)
@@ -605,6 +606,18 @@ class Store:
             stmt = self._answers(self._host(s, host).id).limit(limit)
             return [{"probe": row(p), "dispatch": row(d), "score": row(sc)}
                     for p, d, sc in s.execute(stmt)]
+
+    def host_outcomes(self, host: str) -> list[tuple]:
+        """What reputation reads of each of a host's answers, newest first, as
+        (probe_id, finished_at, error, ttfb_s, total_s, bytes, verdict, p_value) with
+        verdict and p_value None where unscored. Only these columns: the answers' texts,
+        messages and metrics are most of a row, and the daemon reads a host's whole
+        history after every scoring batch (a months-old host has tens of thousands)."""
+        with self.session(readonly=True) as s:
+            stmt = self._answers(self._host(s, host).id, Probe.id, Dispatch.finished_at,
+                                 Dispatch.error, Dispatch.ttfb_s, Dispatch.total_s,
+                                 Dispatch.bytes, Score.verdict, Score.p_value)
+            return [tuple(r) for r in s.execute(stmt)]
 
     def queue_depth(self) -> int:
         """Ok dispatches not scored yet (leased or not)."""
