@@ -205,7 +205,10 @@ def run_sqlite(urls, args, baseline) -> dict:
     return {"server": f"SQLite {sqlite3.sqlite_version} (file, WAL)", **result}
 
 
-def run_postgresql(urls, args, baseline) -> dict:
+@contextmanager
+def scratch_postgresql():
+    """A new database on the local PostgreSQL, dropped afterwards: yields (its URL, a
+    description of the server), or (None, why) when the server is not reachable."""
     name = f"validator_bench_{uuid.uuid4().hex[:8]}"
     admin = create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT",
                           connect_args={"connect_timeout": 3})
@@ -215,15 +218,23 @@ def run_postgresql(urls, args, baseline) -> dict:
             c.execute(text(f'create database "{name}"'))
     except Exception as exc:  # depends on the machine
         admin.dispose()
-        print(f"postgresql: skipped, {PG_SERVER} is not reachable: {exc}".splitlines()[0])
-        return {"skipped": str(exc).splitlines()[0]}
+        why = str(exc).splitlines()[0]
+        print(f"postgresql: skipped, {PG_SERVER} is not reachable: {why}")
+        yield None, why
+        return
     try:
-        result = bench_backend(f"{PG_SERVER}/{name}", urls, args, baseline)
+        yield f"{PG_SERVER}/{name}", f"PostgreSQL {version} (local, TCP)"
     finally:
         with admin.connect() as c:
             c.execute(text(f'drop database if exists "{name}" with (force)'))
         admin.dispose()
-    return {"server": f"PostgreSQL {version} (local, TCP)", **result}
+
+
+def run_postgresql(urls, args, baseline) -> dict:
+    with scratch_postgresql() as (url, server):
+        if url is None:
+            return {"skipped": server}
+        return {"server": server, **bench_backend(url, urls, args, baseline)}
 
 
 BACKENDS = {"sqlite": run_sqlite, "postgresql": run_postgresql}

@@ -37,20 +37,19 @@ import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import insert
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from daemon_overhead import scratch_postgresql  # noqa: E402  (this folder is on sys.path)
 from validator.daemon import outcomes, refresh_reputation  # noqa: E402
 from validator.reputation import Outcome, ReputationConfig  # noqa: E402
 from validator.store import Dispatch, Probe, Score, Store, upgrade  # noqa: E402
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 RECORDS = ROOT / "benchmarks/results/audit_records.jsonl"
 HOST = "h"
 ANSWERS_PER_DAY = 4 * 24 * 4  # configs/validator.yaml: 4 probes per host every 15 minutes
@@ -135,24 +134,10 @@ def run_sqlite(sizes, repeat, records) -> dict:
 
 
 def run_postgresql(sizes, repeat, records) -> dict:
-    name = f"validator_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as c:
-            version = c.execute(text("show server_version")).scalar()
-            c.execute(text(f'create database "{name}"'))
-    except Exception as exc:  # depends on the machine
-        admin.dispose()
-        print(f"postgresql: skipped, {PG_SERVER} is not reachable: {exc}".splitlines()[0])
-        return {"skipped": str(exc).splitlines()[0]}
-    try:
-        result = bench_backend(f"{PG_SERVER}/{name}", sizes, repeat, records)
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'drop database if exists "{name}" with (force)'))
-        admin.dispose()
-    return {"server": f"PostgreSQL {version} (local, TCP)", "sizes": result}
+    with scratch_postgresql() as (url, server):
+        if url is None:
+            return {"skipped": server}
+        return {"server": server, "sizes": bench_backend(url, sizes, repeat, records)}
 
 
 BACKENDS = {"sqlite": run_sqlite, "postgresql": run_postgresql}
