@@ -45,4 +45,4 @@ bench: setup
 	$(BIN)/python benchmarks/audit_speed.py
 	$(BIN)/python benchmarks/client_throughput.py
 	$(BIN)/python benchmarks/daemon_overhead.py
-	$(BIN)/python benchmarks/reputation_refresh.py
+	$(BIN)/python benchmarks/history_growth.py

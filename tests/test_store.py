@@ -12,7 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import func, inspect, select, text, update
 
 from .conftest import PG_ADMIN, PG_URL, fresh_postgres_database
 from validator.store import (
@@ -118,6 +118,87 @@ def test_sqlite_pragmas(tmp_path):
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30_000
     store.close()
+
+
+def test_upgrade_to_0004_puts_only_unscored_answers_in_the_scoring_queue(url):
+    """A database from before the scoring-queue index (revision 0003) with a scored, an
+    unscored and a failed answer: after the upgrade only the unscored one awaits a score."""
+    from alembic import command
+
+    engine = engine_for(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+            now = datetime.now(UTC)
+            conn.execute(text("INSERT INTO hosts (name, url, model, state, added_at) "
+                              "VALUES ('h', 'http://h', 'smollm2-135m', 'new', :now)"), {"now": now})
+            for i, ok in enumerate((True, True, False)):
+                conn.execute(text(
+                    "INSERT INTO probes (id, round, host_id, index, prompt_id, messages, configs, "
+                    "stream, created_at) VALUES (:id, 1, 1, :i, 'p', '[]', '{}', :no, :now)"
+                    .replace("index,", '"index",')), {"id": f"p{i}", "i": i, "no": False, "now": now})
+                conn.execute(text(
+                    "INSERT INTO dispatches (probe_id, ok, detail, total_s, bytes, attempts, "
+                    "finished_at, validator) VALUES (:id, :ok, '', 1.0, 3, 1, :at, 'v1')"),
+                    {"id": f"p{i}", "ok": ok, "at": now + timedelta(seconds=i)})
+            conn.execute(text("INSERT INTO scores (probe_id, verdict, p_value, reasons, metrics, "
+                              "scored_at, validator) VALUES ('p0', 'pass', 0.5, '[]', '{}', :now, 'v1')"),
+                         {"now": now})
+        upgrade(url)
+        store = Store(url)
+        with store.session(readonly=True) as s:
+            flags = dict(s.execute(select(Dispatch.probe_id, Dispatch.awaiting_score)).all())
+        assert flags == {"p0": False, "p1": True, "p2": False}
+        assert store.queue_depth() == 1
+        assert [d["probe_id"] for d in store.claim_unscored("A", 10, ttl_s=60)] == ["p1"]
+        store.close()
+
+        with engine.begin() as conn:  # and back, and up again
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0003")
+            assert "awaiting_score" not in {c["name"] for c in inspect(conn).get_columns("dispatches")}
+        upgrade(url)
+        store = Store(url)
+        assert store.queue_depth() == 1
+        store.close()
+    finally:
+        engine.dispose()
+
+
+def test_scoring_queue_reads_its_index(store, url):
+    """Claiming answers to score and counting the queue go through the partial index of
+    answers awaiting a score, not through every answer ever stored (the planner must be
+    able to prove the index's predicate from the query's: checked on the real plans)."""
+    from sqlalchemy import event
+
+    store.add_host("h", "http://h", "smollm2-135m")
+    answered(store, "h", 3)
+    statements = []
+    listen = lambda conn, cursor, sql, params, context, many: statements.append((sql, params))  # noqa: E731
+    event.listen(store.engine, "before_cursor_execute", listen)
+    try:
+        store.claim_unscored("A", 10, ttl_s=60)
+        store.queue_depth()
+    finally:
+        event.remove(store.engine, "before_cursor_execute", listen)
+    queries = [(sql, params) for sql, params in statements if "FROM dispatches" in sql]
+    assert len(queries) == 2
+    with store.engine.connect() as conn:
+        dbapi = conn.connection.driver_connection
+        cursor = dbapi.cursor()
+        if url.startswith("sqlite"):
+            explain = "EXPLAIN QUERY PLAN "
+        else:  # on three rows PostgreSQL would rather scan: ask whether it can use the index
+            cursor.execute("SET enable_seqscan = off")
+            explain = "EXPLAIN "
+        for sql, params in queries:
+            cursor.execute(explain + sql, params)
+            plan = " ".join(str(r) for r in cursor.fetchall())
+            assert "ix_dispatches_awaiting_score" in plan, (sql, plan)
+        dbapi.rollback()
 
 
 # -- hosts and reputation ---------------------------------------------------------------
@@ -266,6 +347,9 @@ def test_record_score_once(store):
             for sc in scores] == [(ids[0], "fail", 1e-5, ["token 3: 9.1 nats below"],
                                    {"n": 3}, "v1")]
     assert store.queue_depth() == 1
+    with store.session(readonly=True) as s:  # the queue flag is cleared with the score
+        flags = dict(s.execute(select(Dispatch.probe_id, Dispatch.awaiting_score)).all())
+    assert flags == {ids[0]: False, ids[1]: True}
 
 
 def test_claim_unscored_leases(store):

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import (
     JSON, CheckConstraint, DateTime, Double, ForeignKey, Index, MetaData, String, Text,
-    TypeDecorator, UniqueConstraint, and_, create_engine, event, exists, func, or_,
-    select, update,
+    TypeDecorator, UniqueConstraint, and_, create_engine, event, exists, false, func, or_,
+    select, true, update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -141,6 +142,11 @@ class Dispatch(Base):
     """One answer per probe, ever (unique probe_id)."""
 
     __tablename__ = "dispatches"
+    # The scoring queue: only answers awaiting a score are in this index, oldest first.
+    # (The predicates are written as the queries write them, which SQLite needs to use it.)
+    __table_args__ = (Index("ix_dispatches_awaiting_score", "finished_at", "id",
+                            sqlite_where=sql_text("awaiting_score = 1"),
+                            postgresql_where=sql_text("awaiting_score")),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     probe_id: Mapped[str] = mapped_column(ForeignKey("probes.id"), unique=True)
@@ -158,6 +164,8 @@ class Dispatch(Base):
     validator: Mapped[str] = mapped_column(String(128))
     score_owner: Mapped[str | None] = mapped_column(String(128))
     score_lease_until: Mapped[datetime | None]
+    # ok and not scored yet: set with the answer, cleared in the score's transaction
+    awaiting_score: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class Score(Base):
@@ -170,7 +178,7 @@ class Score(Base):
     p_value: Mapped[float | None]
     reasons: Mapped[list]
     metrics: Mapped[dict]
-    scored_at: Mapped[datetime] = mapped_column(default=_now)
+    scored_at: Mapped[datetime] = mapped_column(default=_now, index=True)  # status: the last score
     validator: Mapped[str] = mapped_column(String(128))
 
 
@@ -306,6 +314,12 @@ def upgrade(url: str) -> None:
 
 
 # -- the store ----------------------------------------------------------------------------
+
+# The scoring queue, as ix_dispatches_awaiting_score's predicate reads (a literal true, not
+# a bound parameter, so that SQLite can prove the index applies). The score's existence is
+# checked too: the flag is a cache of it.
+_AWAITING_SCORE = Dispatch.awaiting_score == true()
+_SCORED = exists().where(Score.probe_id == Dispatch.probe_id)
 
 # The CallRecord fields a dispatch keeps, with CallRecord's defaults.
 _CALL_FIELDS = {"ok": None, "text": None, "status": None, "error": None, "detail": "",
@@ -548,7 +562,7 @@ class Store:
         if not isinstance(values["ok"], bool):
             raise ValueError("a dispatch record needs a boolean `ok`")
         values.update(probe_id=probe_id, detail=values["detail"] or "", validator=validator,
-                      finished_at=finished_at or _now())
+                      finished_at=finished_at or _now(), awaiting_score=values["ok"])
         with self.session() as s:
             return self._insert_new(s, Dispatch, values, "probe_id")
 
@@ -561,12 +575,11 @@ class Store:
         it (a restarted validator with the same instance id resumes them): score or give
         up a batch before claiming the next."""
         now = _now()
-        scored = exists().where(Score.probe_id == Dispatch.probe_id)
         free = or_(Dispatch.score_lease_until.is_(None), Dispatch.score_lease_until <= now,
                    Dispatch.score_owner == owner)
         stmt = (select(Dispatch, Probe, Host.name, Host.model)
                 .join(Probe, Dispatch.probe_id == Probe.id).join(Host, Probe.host_id == Host.id)
-                .where(Dispatch.ok.is_(True), ~scored, free)
+                .where(_AWAITING_SCORE, ~_SCORED, free)
                 .order_by(Dispatch.finished_at, Dispatch.id).limit(limit)
                 .with_for_update(skip_locked=True, of=Dispatch))
         out = []
@@ -587,7 +600,10 @@ class Store:
                   "reasons": list(reasons), "metrics": metrics, "scored_at": _now(),
                   "validator": validator}
         with self.session() as s:
-            return self._insert_new(s, Score, values, "probe_id")
+            added = self._insert_new(s, Score, values, "probe_id")
+            s.execute(update(Dispatch.__table__).where(Dispatch.probe_id == probe_id, _AWAITING_SCORE)
+                      .values(awaiting_score=False))
+            return added
 
     @staticmethod
     def _answers(host_id: int, *columns):
@@ -621,10 +637,9 @@ class Store:
 
     def queue_depth(self) -> int:
         """Ok dispatches not scored yet (leased or not)."""
-        scored = exists().where(Score.probe_id == Dispatch.probe_id)
         with self.session(readonly=True) as s:
             return s.scalar(select(func.count()).select_from(Dispatch)
-                            .where(Dispatch.ok.is_(True), ~scored))
+                            .where(_AWAITING_SCORE, ~_SCORED))
 
     def export_rows(self) -> list[dict]:
         """Every recorded answer, oldest first, flat: probe, host, timings, verdict,
@@ -652,12 +667,11 @@ class Store:
         hosts) and validators: [{owner, leases, until}] holding live host-round or
         scoring leases now."""
         now = _now()
-        scored = exists().where(Score.probe_id == Dispatch.probe_id)
         leases = [
             select(HostRound.owner, HostRound.lease_until)
             .where(HostRound.done_at.is_(None), HostRound.lease_until > now),
             select(Dispatch.score_owner, Dispatch.score_lease_until)
-            .where(Dispatch.score_lease_until > now, ~scored),
+            .where(_AWAITING_SCORE, ~_SCORED, Dispatch.score_lease_until > now),
         ]
         held: dict[str, dict] = {}
         with self.session(readonly=True) as s:

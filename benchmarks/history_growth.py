@@ -1,0 +1,246 @@
+"""What the stored history costs the daemon and the admin's reads as it grows, on SQLite
+and on PostgreSQL.
+
+The database only grows: at the default 4 probes per host every 15 minutes a host gains
+384 answers a day, about 35,000 in three months, and a network of hundreds of hosts
+millions. Per backend and history length, in one process, best of `--repeat` runs:
+
+- reputation refresh, after every scoring batch for each host in it:
+  - full rows (baseline): the host's answers read as `Store.host_scores` gives them
+    (messages, settings, the answer's text, the score's reasons and metrics) and turned
+    into reputation outcomes, as the refresh read them before 2026-11-28;
+  - narrow: `validator.daemon.outcomes` (`Store.host_outcomes`: only the columns
+    reputation uses);
+  - refresh: the whole `refresh_reputation` (narrow read, evidence, components, the
+    stored score);
+- scoring queue, every `scoring.interval_s` (10 s) while there is work:
+  - scan (baseline): the claim's SELECT as it was before 2026-11-28: every answer in
+    time order, each checked for a score (read only: no lease written);
+  - claim: `Store.claim_unscored` of the 64 answers awaiting a score (leases written),
+    through the index of answers awaiting a score;
+  - queue depth: `Store.queue_depth` (`validator status`, `/metrics`);
+- status: `Store.status()` (`validator status`, `/metrics`: leases, last answer and
+  score, hosts by state);
+- metrics scrape: `GET /metrics`'s collector (`validator.web.metrics`): the counters and
+  the scoring-latency histogram are aggregated over every stored answer at scrape time;
+- answers page: `Store.host_history(limit=50)`, the dashboard's and the API's newest 50.
+
+The history is one host's answers (the costs above depend on the total, not on how many
+hosts share it) with real prompts and answer texts cycled from
+benchmarks/results/audit_records.jsonl, 1 in 50 a failed call, the rest scored "pass"
+with a random p-value and metrics of about 1.7 KB (real scores have 1.5-2.0 KB), plus
+the 64 newest answers awaiting a score. Ratios compare each operation with its baseline,
+or with itself at the smallest history.
+
+    python benchmarks/history_growth.py            # 1,000, 10,000 and 40,000 answers
+    python benchmarks/history_growth.py --quick    # 1,000 and 5,000, SQLite only
+
+Writes benchmarks/results/history_growth.json (--quick: history_growth.quick.json);
+prints the ratios, then the JSON as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from sqlalchemy import exists, insert, or_, select, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon_overhead import scratch_postgresql  # noqa: E402  (this folder is on sys.path)
+from validator.daemon import outcomes, refresh_reputation  # noqa: E402
+from validator.reputation import Outcome, ReputationConfig  # noqa: E402
+from validator.store import Dispatch, Host, Probe, Score, Store, upgrade  # noqa: E402
+from validator.web.metrics import registry_for  # noqa: E402
+
+RECORDS = ROOT / "benchmarks/results/audit_records.jsonl"
+HOST = "h"
+QUEUE = 64  # answers awaiting a score: one claim's worth (configs/validator.yaml scoring.batch)
+ANSWERS_PER_DAY = 4 * 24 * 4  # configs/validator.yaml: 4 probes per host every 15 minutes
+METRICS = {"tokens": 60, "mean_logp": -1.234567, "termination": {"stop": "eos", "eos_gap": 0.5},
+           "per_token_logp": [round(-1.0 - i / 97, 6) for i in range(150)]}
+
+
+def full_row_outcomes(store: Store, host: str) -> list[Outcome]:
+    """Baseline: outcomes built from the host's full rows, as the refresh read them before."""
+    out = []
+    for r in store.host_scores(host):
+        d, sc = r["dispatch"], r["score"]
+        verdict = sc["verdict"] if sc else None
+        out.append(Outcome(probe_id=r["probe"]["id"], at=d["finished_at"], verdict=verdict,
+                           p_value=sc["p_value"] if sc and verdict != "error" else None,
+                           error=d["error"], ttfb_s=d["ttfb_s"], total_s=d["total_s"],
+                           bytes=d["bytes"] or 0))
+    return out
+
+
+def scan_for_unscored(store: Store, owner: str) -> list:
+    """Baseline: the claim's SELECT before the index of answers awaiting a score."""
+    now = datetime.now(UTC)
+    scored = exists().where(Score.probe_id == Dispatch.probe_id)
+    free = or_(Dispatch.score_lease_until.is_(None), Dispatch.score_lease_until <= now,
+               Dispatch.score_owner == owner)
+    stmt = (select(Dispatch, Probe, Host.name, Host.model)
+            .join(Probe, Dispatch.probe_id == Probe.id).join(Host, Probe.host_id == Host.id)
+            .where(Dispatch.ok.is_(True), ~scored, free)
+            .order_by(Dispatch.finished_at, Dispatch.id).limit(QUEUE))
+    with store.session(readonly=True) as s:
+        return s.execute(stmt).all()
+
+
+def fill(store: Store, start: int, stop: int, records: list[dict], rng: random.Random) -> None:
+    """Answers start..stop-1 of the host, 225 s apart (4 per 15 minutes): 1 in 50 a
+    failed call, the last QUEUE unscored, the others scored."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    host_id = store.get_host(HOST)["id"]
+    with store.session() as s:
+        for a in range(start, stop, 2000):
+            probes, dispatches, scores = [], [], []
+            for i in range(a, min(stop, a + 2000)):
+                rec, at, pid = records[i % len(records)], t0 + timedelta(seconds=225 * i), f"r{i // 4}-{HOST}-{i % 4}"
+                ok, awaiting = i % 50 != 49, i >= stop - QUEUE
+                probes.append(dict(id=pid, round=i // 4, host_id=host_id, index=i % 4, prompt_id=rec["id"],
+                                   messages=rec["messages"], configs=rec["configs"], stream=False, created_at=at))
+                dispatches.append(dict(probe_id=pid, ok=ok, text=rec["response"] if ok else None,
+                                       status=200 if ok else None, error=None if ok else "first_byte_timeout",
+                                       detail="", ttfb_s=rng.uniform(0.2, 2.0) if ok else None,
+                                       total_s=rng.uniform(2, 8), bytes=len(rec["response"]) if ok else 0,
+                                       attempts=1, served_by=None, finished_at=at, validator="bench",
+                                       awaiting_score=ok and awaiting))
+                if ok and not awaiting:
+                    scores.append(dict(probe_id=pid, verdict="pass", p_value=rng.random(), reasons=["consistent"],
+                                       metrics=METRICS, scored_at=at + timedelta(seconds=30), validator="bench"))
+            for model, rows in ((Probe, probes), (Dispatch, dispatches), (Score, scores)):
+                if rows:
+                    s.execute(insert(model), rows)
+    if store.engine.dialect.name == "postgresql":  # what autovacuum does after bulk inserts
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ANALYZE"))
+
+
+def score_queue(store: Store) -> None:
+    """Score the answers still awaiting one (before the history grows past them)."""
+    with store.session(readonly=True) as s:
+        ids = s.scalars(select(Dispatch.probe_id).where(Dispatch.awaiting_score.is_(True))).all()
+    for probe_id in ids:
+        store.record_score(probe_id, "pass", 0.5, ["consistent"], METRICS, "bench")
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+def bench_backend(url: str, sizes: list[int], repeat: int, records: list[dict]) -> dict:
+    upgrade(url)
+    store = Store(url)
+    store.add_host(HOST, "http://bench", "smollm2-135m")
+    config, rng, done, out = ReputationConfig(), random.Random(0), 0, {}
+    try:
+        for n in sizes:
+            score_queue(store)
+            fill(store, done, n, records, rng)
+            done = n
+            t = {}
+            t["full_rows_s"], full = best(lambda: full_row_outcomes(store, HOST), min(2, repeat))
+            t["narrow_s"], narrow = best(lambda: outcomes(store, HOST), repeat)
+            if narrow != full:
+                raise SystemExit(f"{n} answers: the narrow read differs from the full rows")
+            t["refresh_s"], _ = best(lambda: refresh_reputation(store, HOST, config), repeat)
+            t["scan_s"], scanned = best(lambda: scan_for_unscored(store, "bench"), min(2, repeat))
+            t["claim_s"], claimed = best(lambda: store.claim_unscored("bench", QUEUE, 600), repeat)
+            if sorted(d["probe_id"] for d in claimed) != sorted(r[0].probe_id for r in scanned):
+                raise SystemExit(f"{n} answers: the claim and the scan found different answers")
+            t["queue_depth_s"], depth = best(lambda: store.queue_depth(), repeat)
+            if depth != len(claimed):
+                raise SystemExit(f"{n} answers: queue depth {depth}, claimed {len(claimed)}")
+            t["status_s"], _ = best(lambda: store.status(), repeat)
+            t["answers_page_s"], _ = best(lambda: store.host_history(HOST, limit=50), repeat)
+            t["metrics_scrape_s"], _ = best(lambda: generate_latest(registry_for(store)), repeat)
+            out[str(n)] = {"answers": n, "days_at_default_rate": round(n / ANSWERS_PER_DAY, 1),
+                           **{k: round(v, 4) for k, v in t.items()},
+                           "narrow_vs_full_rows": round(t["full_rows_s"] / t["narrow_s"], 2),
+                           "claim_vs_scan": round(t["scan_s"] / t["claim_s"], 2)}
+            print(f"  {n:>7} answers ({n / ANSWERS_PER_DAY:.0f} days): refresh: full rows {t['full_rows_s']:.3f} s, "
+                  f"narrow {t['narrow_s']:.3f} s (x{t['full_rows_s'] / t['narrow_s']:.1f} faster), whole "
+                  f"{t['refresh_s']:.3f} s; queue: scan {t['scan_s']:.4f} s, claim {t['claim_s']:.4f} s "
+                  f"(x{t['scan_s'] / t['claim_s']:.1f} faster), depth {t['queue_depth_s']:.4f} s; "
+                  f"status {t['status_s']:.4f} s; answers page {t['answers_page_s']:.4f} s; "
+                  f"metrics scrape {t['metrics_scrape_s']:.4f} s", flush=True)
+        smallest = out[str(sizes[0])]
+        for r in out.values():  # how each operation grew with the history
+            r["vs_smallest"] = {k: round(r[k] / smallest[k], 2) for k in r if k.endswith("_s")}
+    finally:
+        store.close()
+    return out
+
+
+def run_sqlite(sizes, repeat, records) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = bench_backend(Store.default_url(Path(tmp) / "validator.db"), sizes, repeat, records)
+    return {"server": f"SQLite {sqlite3.sqlite_version} (file, WAL)", "sizes": result}
+
+
+def run_postgresql(sizes, repeat, records) -> dict:
+    with scratch_postgresql() as (url, server):
+        if url is None:
+            return {"skipped": server}
+        return {"server": server, "sizes": bench_backend(url, sizes, repeat, records)}
+
+
+BACKENDS = {"sqlite": run_sqlite, "postgresql": run_postgresql}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1,000 and 5,000 answers, SQLite only")
+    ap.add_argument("--sizes", default=None, help="comma-separated history lengths (default 1000,10000,40000)")
+    ap.add_argument("--backends", default=None, help="comma-separated, from: " + ", ".join(BACKENDS))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    sizes = sorted(int(x) for x in (args.sizes or ("1000,5000" if args.quick else "1000,10000,40000")).split(","))
+    if sizes[0] <= QUEUE:
+        ap.error(f"history lengths must be above the queue of {QUEUE}")
+    backends = [b.strip() for b in (args.backends or ("sqlite" if args.quick else "sqlite,postgresql")).split(",")]
+    if unknown := set(backends) - set(BACKENDS):
+        ap.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+    out = args.out or ROOT / f"benchmarks/results/history_growth{'.quick' if args.quick else ''}.json"
+    records = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+
+    results = {}
+    for b in backends:
+        print(f"{b}:", flush=True)
+        results[b] = BACKENDS[b](sizes, args.repeat, records)
+    result = {
+        "benchmark": "history_growth",
+        "command": "python benchmarks/history_growth.py" + (" --quick" if args.quick else ""),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "answers_per_day_at_default_rate": ANSWERS_PER_DAY, "queue": QUEUE, "repeat": args.repeat,
+        "backends": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
