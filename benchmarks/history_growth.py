@@ -21,8 +21,14 @@ millions. Per backend and history length, in one process, best of `--repeat` run
   - queue depth: `Store.queue_depth` (`validator status`, `/metrics`);
 - status: `Store.status()` (`validator status`, `/metrics`: leases, last answer and
   score, hosts by state);
-- metrics scrape: `GET /metrics`'s collector (`validator.web.metrics`): the counters and
-  the scoring-latency histogram are aggregated over every stored answer at scrape time;
+- counts: the per-host counts (answers, failed calls by class, scores) and the
+  scoring-latency histogram that the host list (`validator hosts list`, the dashboard,
+  /api/hosts) and /metrics show:
+  - aggregated (baseline): counted over every stored answer, as they were before
+    2026-11-28 (read only);
+  - tallies: `Store.host_stats`, `dispatch_counts` and `scoring_latency`, which read the
+    running totals kept as answers and scores are stored;
+- metrics scrape: `GET /metrics`'s collector (`validator.web.metrics`), whole;
 - answers page: `Store.host_history(limit=50)`, the dashboard's and the API's newest 50.
 
 The history is one host's answers (the costs above depend on the total, not on how many
@@ -54,7 +60,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import generate_latest
-from sqlalchemy import exists, insert, or_, select, text
+from sqlalchemy import exists, func, insert, or_, select, text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,7 +68,9 @@ sys.path.insert(0, str(ROOT))
 from daemon_overhead import scratch_postgresql  # noqa: E402  (this folder is on sys.path)
 from validator.daemon import outcomes, refresh_reputation  # noqa: E402
 from validator.reputation import Outcome, ReputationConfig  # noqa: E402
-from validator.store import Dispatch, Host, Probe, Score, Store, upgrade  # noqa: E402
+from validator.store import (  # noqa: E402
+    SCORING_LATENCY_BUCKETS, Dispatch, Host, Probe, Score, Store, latency_bucket, upgrade,
+)
 from validator.web.metrics import registry_for  # noqa: E402
 
 RECORDS = ROOT / "benchmarks/results/audit_records.jsonl"
@@ -100,6 +108,32 @@ def scan_for_unscored(store: Store, owner: str) -> list:
         return s.execute(stmt).all()
 
 
+def aggregated_counts(store: Store) -> tuple:
+    """Baseline: host_stats, dispatch_counts and scoring_latency as they were counted
+    before the tallies, over every stored answer."""
+    if store.engine.dialect.name == "sqlite":
+        seconds = (func.julianday(Score.scored_at) - func.julianday(Dispatch.finished_at)) * 86400.0
+    else:
+        seconds = func.extract("epoch", Score.scored_at - Dispatch.finished_at)
+    with store.session(readonly=True) as s:
+        stats = s.execute(select(Host.name, func.count(Probe.id), func.count(Dispatch.id),
+                                 func.count(Dispatch.id).filter(Dispatch.ok.is_(False)), func.count(Score.id))
+                          .join(Probe, Probe.host_id == Host.id)
+                          .outerjoin(Dispatch, Dispatch.probe_id == Probe.id)
+                          .outerjoin(Score, Score.probe_id == Probe.id).group_by(Host.name)).all()
+        counts = s.execute(select(Host.name, Dispatch.error, func.count())
+                           .join(Probe, Probe.host_id == Host.id).join(Dispatch, Dispatch.probe_id == Probe.id)
+                           .group_by(Host.name, Dispatch.error)).all()
+        latency = s.execute(select(func.count(), func.coalesce(func.sum(seconds), 0.0),
+                                   *(func.count().filter(seconds <= b) for b in SCORING_LATENCY_BUCKETS))
+                            .select_from(Score).join(Dispatch, Dispatch.probe_id == Score.probe_id)).one()
+    return stats, counts, latency
+
+
+def tallied_counts(store: Store) -> tuple:
+    return store.host_stats(), store.dispatch_counts(), store.scoring_latency()
+
+
 def fill(store: Store, start: int, stop: int, records: list[dict], rng: random.Random) -> None:
     """Answers start..stop-1 of the host, 225 s apart (4 per 15 minutes): 1 in 50 a
     failed call, the last QUEUE unscored, the others scored."""
@@ -125,6 +159,12 @@ def fill(store: Store, start: int, stop: int, records: list[dict], rng: random.R
             for model, rows in ((Probe, probes), (Dispatch, dispatches), (Score, scores)):
                 if rows:
                     s.execute(insert(model), rows)
+            # the running totals record_dispatch and record_score keep (bulk rows bypass them)
+            failed = sum(not d["ok"] for d in dispatches)
+            store._count(s, host_id, {"probes": len(probes), "calls": len(dispatches), "failed": failed,
+                                      "error:first_byte_timeout": failed, "scored": len(scores),
+                                      "latency_count": len(scores), "latency_sum_s": 30.0 * len(scores),
+                                      latency_bucket(30.0): len(scores)})
     if store.engine.dialect.name == "postgresql":  # what autovacuum does after bulk inserts
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("ANALYZE"))
@@ -172,16 +212,22 @@ def bench_backend(url: str, sizes: list[int], repeat: int, records: list[dict]) 
                 raise SystemExit(f"{n} answers: queue depth {depth}, claimed {len(claimed)}")
             t["status_s"], _ = best(lambda: store.status(), repeat)
             t["answers_page_s"], _ = best(lambda: store.host_history(HOST, limit=50), repeat)
+            t["aggregated_counts_s"], (stats, _, latency) = best(lambda: aggregated_counts(store), min(2, repeat))
+            t["tallied_counts_s"], (tallied, _, (_, _, count)) = best(lambda: tallied_counts(store), repeat)
+            if tallied[HOST]["answered"] != stats[0][2] or count != latency[0]:
+                raise SystemExit(f"{n} answers: the tallies differ from the stored rows")
             t["metrics_scrape_s"], _ = best(lambda: generate_latest(registry_for(store)), repeat)
             out[str(n)] = {"answers": n, "days_at_default_rate": round(n / ANSWERS_PER_DAY, 1),
                            **{k: round(v, 4) for k, v in t.items()},
                            "narrow_vs_full_rows": round(t["full_rows_s"] / t["narrow_s"], 2),
-                           "claim_vs_scan": round(t["scan_s"] / t["claim_s"], 2)}
+                           "claim_vs_scan": round(t["scan_s"] / t["claim_s"], 2),
+                           "tallies_vs_aggregated": round(t["aggregated_counts_s"] / t["tallied_counts_s"], 2)}
             print(f"  {n:>7} answers ({n / ANSWERS_PER_DAY:.0f} days): refresh: full rows {t['full_rows_s']:.3f} s, "
                   f"narrow {t['narrow_s']:.3f} s (x{t['full_rows_s'] / t['narrow_s']:.1f} faster), whole "
                   f"{t['refresh_s']:.3f} s; queue: scan {t['scan_s']:.4f} s, claim {t['claim_s']:.4f} s "
                   f"(x{t['scan_s'] / t['claim_s']:.1f} faster), depth {t['queue_depth_s']:.4f} s; "
-                  f"status {t['status_s']:.4f} s; answers page {t['answers_page_s']:.4f} s; "
+                  f"status {t['status_s']:.4f} s; answers page {t['answers_page_s']:.4f} s; counts: "
+                  f"aggregated {t['aggregated_counts_s']:.4f} s, tallies {t['tallied_counts_s']:.4f} s; "
                   f"metrics scrape {t['metrics_scrape_s']:.4f} s", flush=True)
         smallest = out[str(sizes[0])]
         for r in out.values():  # how each operation grew with the history

@@ -20,7 +20,7 @@ from validator.store import (
 )
 
 TABLES = {"hosts", "probes", "dispatches", "scores", "host_rounds", "reputation_events",
-          "feedback", "validators", "api_tokens", "alembic_version"}
+          "feedback", "validators", "api_tokens", "tallies", "alembic_version"}
 
 
 @pytest.fixture(scope="session")
@@ -120,9 +120,10 @@ def test_sqlite_pragmas(tmp_path):
     store.close()
 
 
-def test_upgrade_to_0004_puts_only_unscored_answers_in_the_scoring_queue(url):
-    """A database from before the scoring-queue index (revision 0003) with a scored, an
-    unscored and a failed answer: after the upgrade only the unscored one awaits a score."""
+def test_upgrade_from_0003_fills_the_scoring_queue_and_the_tallies(url):
+    """A database from before the scoring-queue index and the tallies (revision 0003) with
+    a scored, an unscored and a failed answer: after the upgrade only the unscored one
+    awaits a score, and the tallies count what was stored."""
     from alembic import command
 
     engine = engine_for(url)
@@ -140,12 +141,13 @@ def test_upgrade_to_0004_puts_only_unscored_answers_in_the_scoring_queue(url):
                     "stream, created_at) VALUES (:id, 1, 1, :i, 'p', '[]', '{}', :no, :now)"
                     .replace("index,", '"index",')), {"id": f"p{i}", "i": i, "no": False, "now": now})
                 conn.execute(text(
-                    "INSERT INTO dispatches (probe_id, ok, detail, total_s, bytes, attempts, "
-                    "finished_at, validator) VALUES (:id, :ok, '', 1.0, 3, 1, :at, 'v1')"),
-                    {"id": f"p{i}", "ok": ok, "at": now + timedelta(seconds=i)})
+                    "INSERT INTO dispatches (probe_id, ok, error, detail, total_s, bytes, attempts, "
+                    "finished_at, validator) VALUES (:id, :ok, :error, '', 1.0, 3, 1, :at, 'v1')"),
+                    {"id": f"p{i}", "ok": ok, "error": None if ok else "connect_error",
+                     "at": now + timedelta(seconds=i)})
             conn.execute(text("INSERT INTO scores (probe_id, verdict, p_value, reasons, metrics, "
-                              "scored_at, validator) VALUES ('p0', 'pass', 0.5, '[]', '{}', :now, 'v1')"),
-                         {"now": now})
+                              "scored_at, validator) VALUES ('p0', 'pass', 0.5, '[]', '{}', :at, 'v1')"),
+                         {"at": now + timedelta(seconds=90)})
         upgrade(url)
         store = Store(url)
         with store.session(readonly=True) as s:
@@ -153,6 +155,11 @@ def test_upgrade_to_0004_puts_only_unscored_answers_in_the_scoring_queue(url):
         assert flags == {"p0": False, "p1": True, "p2": False}
         assert store.queue_depth() == 1
         assert [d["probe_id"] for d in store.claim_unscored("A", 10, ttl_s=60)] == ["p1"]
+        assert store.host_stats() == {"h": {"probes": 3, "answered": 3, "failed": 1, "scored": 1}}
+        assert store.dispatch_counts() == [("h", "connect_error", 1), ("h", None, 2)]
+        cumulative, total, count = store.scoring_latency()
+        assert (count, total) == (1, pytest.approx(90.0, abs=1e-3))
+        assert cumulative == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]  # 90 s: in the 120 s bucket
         store.close()
 
         with engine.begin() as conn:  # and back, and up again
@@ -166,6 +173,64 @@ def test_upgrade_to_0004_puts_only_unscored_answers_in_the_scoring_queue(url):
         store.close()
     finally:
         engine.dispose()
+
+
+def _aggregated(store: Store) -> tuple:
+    """host_stats, dispatch_counts and scoring_latency counted from the rows themselves
+    (what the tallies must equal)."""
+    from validator.store import SCORING_LATENCY_BUCKETS, Host, Probe
+
+    with store.session(readonly=True) as s:
+        stats = {}
+        for host, in s.execute(select(Host.name)):
+            probes = s.scalars(select(Probe.id).join(Host).where(Host.name == host)).all()
+            ds = s.scalars(select(Dispatch).where(Dispatch.probe_id.in_(probes))).all()
+            scores = s.scalars(select(Score).where(Score.probe_id.in_(probes))).all()
+            if probes:
+                stats[host] = {"probes": len(probes), "answered": len(ds),
+                               "failed": sum(not d.ok for d in ds), "scored": len(scores)}
+        counts = sorted(((host, error, n) for host, error, n in s.execute(
+            select(Host.name, Dispatch.error, func.count()).join(Probe, Probe.host_id == Host.id)
+            .join(Dispatch, Dispatch.probe_id == Probe.id).group_by(Host.name, Dispatch.error))),
+            key=lambda r: (r[0], r[1] is None, r[1] or ""))
+        seconds = [(sc.scored_at - d.finished_at).total_seconds() for sc, d in s.execute(
+            select(Score, Dispatch).join(Dispatch, Dispatch.probe_id == Score.probe_id))]
+    cumulative = [sum(x <= b for x in seconds) for b in SCORING_LATENCY_BUCKETS]
+    return stats, counts, (cumulative, pytest.approx(sum(seconds), abs=1e-3), len(seconds))
+
+
+def test_tallies_equal_the_stored_rows(store):
+    """The running totals the host list and /metrics read equal what the rows hold, after
+    repeated probes, answers and scores (which store nothing the second time), failed
+    calls of several classes, and answers scored seconds to hours after they arrived."""
+    for name in ("a", "b", "idle"):
+        store.add_host(name, f"http://{name}", "smollm2-135m")
+    start = datetime.now(UTC) - timedelta(hours=3)
+    for round_, host in ((1, "a"), (1, "b"), (2, "a")):
+        probes = [probe(i, round_, host) for i in range(5)]
+        store.ensure_probes(round_, host, probes)
+        store.ensure_probes(round_, host, probes[:3])  # again: nothing new
+        for i, p in enumerate(probes[:4]):  # the fifth is never answered
+            ok = i != 3 or host == "b"
+            rec = call(ok=ok, text="an answer" if ok else None,
+                       error=None if ok else ("connect_error" if round_ == 1 else "first_byte_timeout"),
+                       total_s=0.5, attempts=1)
+            at = start + timedelta(minutes=40 * round_ + i)
+            assert store.record_dispatch(p["id"], rec, "v1", finished_at=at)
+            assert not store.record_dispatch(p["id"], rec, "v2", finished_at=at)
+        for p in probes[:2]:
+            assert store.record_score(p["id"], "pass", 0.5, [], {}, "v1")
+            assert not store.record_score(p["id"], "fail", 1e-9, [], {}, "v2")
+    fresh = answered(store, "b", 1, round_=3)[0]
+    store.record_score(fresh, "inconclusive", 0.01, [], {}, "v1")  # seconds after its answer
+
+    stats, counts, latency = _aggregated(store)
+    assert store.host_stats() == stats
+    assert stats["a"] == {"probes": 10, "answered": 8, "failed": 2, "scored": 4}
+    assert store.dispatch_counts() == counts
+    assert ("a", "first_byte_timeout", 1) in counts and ("b", None, 5) in counts
+    assert store.scoring_latency() == latency
+    assert latency[0][0] == 1 and latency[2] == 7  # the fresh one under a second; 7 scored
 
 
 def test_scoring_queue_reads_its_index(store, url):

@@ -31,6 +31,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +53,9 @@ if TYPE_CHECKING:  # validator.client imports torch (via sampling): keep this mo
 STATES = ("new", "trusted", "probation", "flagged", "disabled")
 VERDICTS = ("pass", "fail", "inconclusive", "error")
 API_ROLES = ("admin", "reader")
+# Upper bounds (seconds, "le") of the scoring-latency histogram kept in `tallies`: changing
+# them needs a migration that recounts the stored scores (see 0005).
+SCORING_LATENCY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _MIGRATION_LOCK = 0x76616C64  # pg_advisory_xact_lock key serialising concurrent upgrades
 
@@ -209,6 +213,26 @@ class ReputationEvent(Base):
     reason: Mapped[str] = mapped_column(SafeText, default="")
 
 
+class Tally(Base):
+    """Running totals per host, counted in the transaction that stores what they count,
+    so that the host list and /metrics read a few rows instead of aggregating every
+    answer ever stored. Names: probes, calls (answers recorded, failed or not), failed,
+    error:<class>, scored, latency_count, latency_sum_s, latency_le:<bound> (scores whose
+    latency falls in that bucket and no lower one; "+Inf" above the last)."""
+
+    __tablename__ = "tallies"
+
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(96), primary_key=True)
+    value: Mapped[float]
+
+
+def latency_bucket(seconds: float) -> str:
+    """The tally name of the scoring-latency bucket `seconds` falls in."""
+    bound = next((b for b in SCORING_LATENCY_BUCKETS if seconds <= b), None)
+    return f"latency_le:{'+Inf' if bound is None else repr(bound)}"
+
+
 class Feedback(Base):
     __tablename__ = "feedback"
 
@@ -361,6 +385,23 @@ class Store:
                 .returning(*model.__table__.primary_key))
         return s.execute(stmt).first() is not None
 
+    def _count(self, s: Session, host_id: int, amounts: dict[str, float]) -> None:
+        """Add `amounts` to the host's tallies (in `s`'s transaction). Rows are taken in
+        name order, so two transactions counting for one host cannot deadlock."""
+        stmt = self._insert(Tally)
+        stmt = stmt.on_conflict_do_update(index_elements=["host_id", "name"],
+                                          set_={"value": Tally.__table__.c.value + stmt.excluded.value})
+        s.execute(stmt.values([{"host_id": host_id, "name": k, "value": float(amounts[k])}
+                               for k in sorted(amounts)]))
+
+    @staticmethod
+    def _tallies(s: Session, *names: str, prefix: str | None = None) -> list[tuple[str, str, float]]:
+        """(host name, tally name, value) of the named tallies and those starting with `prefix`."""
+        match = [Tally.name.in_(names)] + ([Tally.name.startswith(prefix)] if prefix else [])
+        stmt = (select(Host.name, Tally.name, Tally.value).join(Host, Host.id == Tally.host_id)
+                .where(or_(*match)).order_by(Host.name, Tally.name))
+        return [tuple(r) for r in s.execute(stmt)]
+
     @staticmethod
     def _host(s: Session, name: str, *, lock: bool = False) -> Host:
         stmt = select(Host).where(Host.name == name)
@@ -440,18 +481,14 @@ class Store:
             self._host(s, name).score = score
 
     def host_stats(self) -> dict[str, dict[str, int]]:
-        """Per host name (removed ones too): probes, answered (dispatches), failed (not
-        ok) and scored counts, over all rounds."""
-        failed = Dispatch.ok.is_(False)
-        stmt = (select(Host.name, func.count(Probe.id), func.count(Dispatch.id),
-                       func.count(Dispatch.id).filter(failed), func.count(Score.id))
-                .join(Probe, Probe.host_id == Host.id)
-                .outerjoin(Dispatch, Dispatch.probe_id == Probe.id)
-                .outerjoin(Score, Score.probe_id == Probe.id)
-                .group_by(Host.name))
+        """Per host name (removed ones too) with anything recorded: probes, answered
+        (dispatches), failed (not ok) and scored counts, over all rounds (from `tallies`)."""
+        keys = {"probes": "probes", "calls": "answered", "failed": "failed", "scored": "scored"}
+        out: dict[str, dict[str, int]] = {}
         with self.session(readonly=True) as s:
-            return {name: {"probes": p, "answered": a, "failed": f, "scored": sc}
-                    for name, p, a, f, sc in s.execute(stmt)}
+            for host, name, value in self._tallies(s, *keys):
+                out.setdefault(host, dict.fromkeys(keys.values(), 0))[keys[name]] = int(value)
+        return out
 
     def reputation_events(self, name: str, limit: int | None = None) -> list[dict]:
         """A host's reputation events, newest first."""
@@ -535,7 +572,10 @@ class Store:
                      "configs": p["configs"], "stream": bool(p["stream"]), "created_at": _now()}
                     for p in probes]
             if rows:
-                s.execute(self._insert(Probe).on_conflict_do_nothing(index_elements=["id"]), rows)
+                added = s.execute(self._insert(Probe).on_conflict_do_nothing(index_elements=["id"])
+                                  .returning(Probe.id), rows).all()
+                if added:
+                    self._count(s, host_id, {"probes": len(added)})
 
     def probe(self, probe_id: str) -> dict | None:
         """One probe's columns plus "host" (its name); None if unknown."""
@@ -564,7 +604,15 @@ class Store:
         values.update(probe_id=probe_id, detail=values["detail"] or "", validator=validator,
                       finished_at=finished_at or _now(), awaiting_score=values["ok"])
         with self.session() as s:
-            return self._insert_new(s, Dispatch, values, "probe_id")
+            if not self._insert_new(s, Dispatch, values, "probe_id"):
+                return False
+            amounts = {"calls": 1}
+            if not values["ok"]:
+                amounts["failed"] = 1
+            if values["error"] is not None:
+                amounts[f"error:{values['error']}"] = 1
+            self._count(s, s.scalar(select(Probe.host_id).where(Probe.id == probe_id)), amounts)
+            return True
 
     # -- scoring
 
@@ -603,6 +651,16 @@ class Store:
             added = self._insert_new(s, Score, values, "probe_id")
             s.execute(update(Dispatch.__table__).where(Dispatch.probe_id == probe_id, _AWAITING_SCORE)
                       .values(awaiting_score=False))
+            if added:
+                host_id, finished_at = s.execute(
+                    select(Probe.host_id, Dispatch.finished_at)
+                    .outerjoin(Dispatch, Dispatch.probe_id == Probe.id).where(Probe.id == probe_id)).one()
+                amounts = {"scored": 1}
+                if finished_at is not None:  # a score's latency: from its answer stored to it stored
+                    latency = (values["scored_at"] - finished_at).total_seconds()
+                    amounts.update({"latency_count": 1, "latency_sum_s": latency,
+                                    latency_bucket(latency): 1})
+                self._count(s, host_id, amounts)
             return added
 
     @staticmethod
@@ -800,24 +858,33 @@ class Store:
                     "score": row(sc), "feedback": [row(f) for f in feedback]}
 
     def dispatch_counts(self) -> list[tuple[str, str | None, int]]:
-        """(host, error class or None when answered, recorded calls), every host and round."""
-        stmt = (select(Host.name, Dispatch.error, func.count())
-                .join(Probe, Probe.host_id == Host.id).join(Dispatch, Dispatch.probe_id == Probe.id)
-                .group_by(Host.name, Dispatch.error).order_by(Host.name, Dispatch.error))
+        """(host, error class or None when answered, recorded calls), every host and round
+        (from `tallies`)."""
         with self.session(readonly=True) as s:
-            return [(host, error, n) for host, error, n in s.execute(stmt)]
+            found = self._tallies(s, "calls", prefix="error:")
+        errors: dict[str, int] = {}
+        out = []
+        for host, name, value in found:
+            if name != "calls":
+                errors[host] = errors.get(host, 0) + int(value)
+                out.append((host, name.removeprefix("error:"), int(value)))
+        out += [(host, None, int(value) - errors.get(host, 0)) for host, name, value in found
+                if name == "calls" and int(value) > errors.get(host, 0)]
+        return sorted(out, key=lambda r: (r[0], r[1] is None, r[1] or ""))
 
-    def scoring_latency(self, buckets: list[float]) -> tuple[list[int], float, int]:
-        """Seconds from an answer being stored to its score being stored, over every
-        score, aggregated in the database: (cumulative count at or below each bucket
-        bound, sum, count)."""
-        if self.engine.dialect.name == "sqlite":
-            seconds = (func.julianday(Score.scored_at) - func.julianday(Dispatch.finished_at)) * 86400.0
-        else:
-            seconds = func.extract("epoch", Score.scored_at - Dispatch.finished_at)
-        stmt = (select(func.count(), func.coalesce(func.sum(seconds), 0.0),
-                       *(func.count().filter(seconds <= b) for b in buckets))
-                .select_from(Score).join(Dispatch, Dispatch.probe_id == Score.probe_id))
+    def scoring_latency(self) -> tuple[list[int], float, int]:
+        """Seconds from an answer being stored to its score being stored, over every score
+        (from `tallies`): (cumulative count at or below each of SCORING_LATENCY_BUCKETS,
+        sum, count)."""
+        per_bucket = dict.fromkeys(map(latency_bucket, SCORING_LATENCY_BUCKETS), 0.0)
+        total = count = 0.0
         with self.session(readonly=True) as s:
-            count, total, *cumulative = s.execute(stmt).one()
-        return [int(c) for c in cumulative], float(total), int(count)
+            for _, name, value in self._tallies(s, "latency_count", "latency_sum_s", prefix="latency_le:"):
+                if name == "latency_count":
+                    count += value
+                elif name == "latency_sum_s":
+                    total += value
+                elif name in per_bucket:
+                    per_bucket[name] += value
+        cumulative = list(itertools.accumulate(per_bucket.values()))
+        return [int(c) for c in cumulative], total, int(count)

@@ -1,5 +1,5 @@
 """GET /metrics over a real socket, parsed with prometheus-client's own parser, against
-what the fixture stored (SQLite) and on PostgreSQL (its scoring-latency SQL differs)."""
+what the fixture stored (SQLite) and on PostgreSQL (its upserts of the running totals differ)."""
 
 from __future__ import annotations
 

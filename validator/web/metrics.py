@@ -1,6 +1,7 @@
-"""GET /metrics (Prometheus text format), computed from the database at scrape time, so
+"""GET /metrics (Prometheus text format), read from the database at scrape time, so
 `validator serve` reports what every validator sharing the database did without
-sharing memory with any daemon.
+sharing memory with any daemon. The counters and the latency histogram come from the
+running totals the store keeps (`tallies`), so a scrape does not grow with the history.
 
 - validator_probes_sent_total{host}: probes sent and recorded (answered or failed)
 - validator_probes_failed_total{host,reason}: failed calls by error class
@@ -18,11 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..store import STATES, Store
+from ..store import SCORING_LATENCY_BUCKETS, STATES, Store
 from .auth import Principal, reader
 
 router = APIRouter()
-LATENCY_BUCKETS = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0]
 
 
 class StoreCollector(Collector):
@@ -44,8 +44,8 @@ class StoreCollector(Collector):
         yield sent
         yield failed
 
-        cumulative, total, count = self.store.scoring_latency(LATENCY_BUCKETS)
-        buckets = [(repr(b), c) for b, c in zip(LATENCY_BUCKETS, cumulative)] + [("+Inf", count)]
+        cumulative, total, count = self.store.scoring_latency()
+        buckets = [(repr(b), c) for b, c in zip(SCORING_LATENCY_BUCKETS, cumulative)] + [("+Inf", count)]
         yield HistogramMetricFamily("validator_scoring_latency_seconds", "Seconds from an answer being "
                                     "stored to its score being stored.", buckets=buckets, sum_value=total)
 
