@@ -27,6 +27,10 @@ Conventions
   machine's clock: keep validators' clocks in sync to well under the lease TTLs.
 - PostgreSQL text cannot hold NUL characters: there they are stored as U+FFFD (SQLite
   keeps text exactly).
+- What is read often must not grow with the history (months of answers): the scoring
+  queue has its own partial index (`Dispatch.awaiting_score`), counts come from running
+  totals (`Tally`) kept in the transaction that stores what they count, and reputation
+  reads only its columns (`host_outcomes`).
 """
 
 from __future__ import annotations
