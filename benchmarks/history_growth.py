@@ -29,7 +29,11 @@ millions. Per backend and history length, in one process, best of `--repeat` run
   - tallies: `Store.host_stats`, `dispatch_counts` and `scoring_latency`, which read the
     running totals kept as answers and scores are stored;
 - metrics scrape: `GET /metrics`'s collector (`validator.web.metrics`), whole;
-- answers page: `Store.host_history(limit=50)`, the dashboard's and the API's newest 50.
+- answers page, the dashboard's and the API's newest 50 and how many there are in all:
+  - sorted (baseline): the host's answers found through their probes and all sorted by
+    time, counted over the whole join, as before 2026-11-28 (evening);
+  - indexed: `Store.host_history(limit=50)`, one range of the (host, time) index of
+    answers, counted on that index.
 
 The history is one host's answers (the costs above depend on the total, not on how many
 hosts share it) with real prompts and answer texts cycled from
@@ -130,6 +134,23 @@ def aggregated_counts(store: Store) -> tuple:
     return stats, counts, latency
 
 
+def sorted_answers_page(store: Store, host: str, limit: int = 50) -> tuple[int, list[str]]:
+    """Baseline: the answers page before answers carried their host (found through their
+    probes, every one of them sorted by time; counted over the whole join)."""
+    with store.session(readonly=True) as s:
+        host_id = s.scalar(select(Host.id).where(Host.name == host))
+        stmt = (select(Probe, Dispatch, Score).join(Dispatch, Dispatch.probe_id == Probe.id)
+                .outerjoin(Score, Score.probe_id == Probe.id).where(Probe.host_id == host_id)
+                .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()))
+        total = s.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+        return total, [p.id for p, _, _ in s.execute(stmt.limit(limit))]
+
+
+def answers_page(store: Store, host: str, limit: int = 50) -> tuple[int, list[str]]:
+    total, page = store.host_history(host, limit=limit)
+    return total, [a["probe"]["id"] for a in page]
+
+
 def tallied_counts(store: Store) -> tuple:
     return store.host_stats(), store.dispatch_counts(), store.scoring_latency()
 
@@ -147,7 +168,7 @@ def fill(store: Store, start: int, stop: int, records: list[dict], rng: random.R
                 ok, awaiting = i % 50 != 49, i >= stop - QUEUE
                 probes.append(dict(id=pid, round=i // 4, host_id=host_id, index=i % 4, prompt_id=rec["id"],
                                    messages=rec["messages"], configs=rec["configs"], stream=False, created_at=at))
-                dispatches.append(dict(probe_id=pid, ok=ok, text=rec["response"] if ok else None,
+                dispatches.append(dict(probe_id=pid, host_id=host_id, ok=ok, text=rec["response"] if ok else None,
                                        status=200 if ok else None, error=None if ok else "first_byte_timeout",
                                        detail="", ttfb_s=rng.uniform(0.2, 2.0) if ok else None,
                                        total_s=rng.uniform(2, 8), bytes=len(rec["response"]) if ok else 0,
@@ -211,7 +232,10 @@ def bench_backend(url: str, sizes: list[int], repeat: int, records: list[dict]) 
             if depth != len(claimed):
                 raise SystemExit(f"{n} answers: queue depth {depth}, claimed {len(claimed)}")
             t["status_s"], _ = best(lambda: store.status(), repeat)
-            t["answers_page_s"], _ = best(lambda: store.host_history(HOST, limit=50), repeat)
+            t["answers_page_sorted_s"], sorted_page = best(lambda: sorted_answers_page(store, HOST), min(2, repeat))
+            t["answers_page_s"], page = best(lambda: answers_page(store, HOST), repeat)
+            if page != sorted_page:
+                raise SystemExit(f"{n} answers: the answers page differs from the sorted one")
             t["aggregated_counts_s"], (stats, _, latency) = best(lambda: aggregated_counts(store), min(2, repeat))
             t["tallied_counts_s"], (tallied, _, (_, _, count)) = best(lambda: tallied_counts(store), repeat)
             if tallied[HOST]["answered"] != stats[0][2] or count != latency[0]:
@@ -221,12 +245,15 @@ def bench_backend(url: str, sizes: list[int], repeat: int, records: list[dict]) 
                            **{k: round(v, 4) for k, v in t.items()},
                            "narrow_vs_full_rows": round(t["full_rows_s"] / t["narrow_s"], 2),
                            "claim_vs_scan": round(t["scan_s"] / t["claim_s"], 2),
-                           "tallies_vs_aggregated": round(t["aggregated_counts_s"] / t["tallied_counts_s"], 2)}
+                           "tallies_vs_aggregated": round(t["aggregated_counts_s"] / t["tallied_counts_s"], 2),
+                           "page_vs_sorted": round(t["answers_page_sorted_s"] / t["answers_page_s"], 2)}
             print(f"  {n:>7} answers ({n / ANSWERS_PER_DAY:.0f} days): refresh: full rows {t['full_rows_s']:.3f} s, "
                   f"narrow {t['narrow_s']:.3f} s (x{t['full_rows_s'] / t['narrow_s']:.1f} faster), whole "
                   f"{t['refresh_s']:.3f} s; queue: scan {t['scan_s']:.4f} s, claim {t['claim_s']:.4f} s "
                   f"(x{t['scan_s'] / t['claim_s']:.1f} faster), depth {t['queue_depth_s']:.4f} s; "
-                  f"status {t['status_s']:.4f} s; answers page {t['answers_page_s']:.4f} s; counts: "
+                  f"status {t['status_s']:.4f} s; answers page: sorted {t['answers_page_sorted_s']:.4f} s, "
+                  f"indexed {t['answers_page_s']:.4f} s (x{t['answers_page_sorted_s'] / t['answers_page_s']:.1f} "
+                  f"faster); counts: "
                   f"aggregated {t['aggregated_counts_s']:.4f} s, tallies {t['tallied_counts_s']:.4f} s; "
                   f"metrics scrape {t['metrics_scrape_s']:.4f} s", flush=True)
         smallest = out[str(sizes[0])]

@@ -160,6 +160,10 @@ def test_upgrade_from_0003_fills_the_scoring_queue_and_the_tallies(url):
         cumulative, total, count = store.scoring_latency()
         assert (count, total) == (1, pytest.approx(90.0, abs=1e-3))
         assert cumulative == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]  # 90 s: in the 120 s bucket
+        with store.session(readonly=True) as s:  # each answer's host, copied from its probe
+            assert set(s.scalars(select(Dispatch.host_id))) == {store.get_host("h")["id"]}
+        total, page = store.host_history("h", limit=2)
+        assert total == 3 and [a["probe"]["id"] for a in page] == ["p2", "p1"]
         store.close()
 
         with engine.begin() as conn:  # and back, and up again
@@ -233,37 +237,58 @@ def test_tallies_equal_the_stored_rows(store):
     assert latency[0][0] == 1 and latency[2] == 7  # the fresh one under a second; 7 scored
 
 
-def test_scoring_queue_reads_its_index(store, url):
-    """Claiming answers to score and counting the queue go through the partial index of
-    answers awaiting a score, not through every answer ever stored (the planner must be
-    able to prove the index's predicate from the query's: checked on the real plans)."""
+def _plans(store: Store, url: str, read) -> list[tuple[str, str]]:
+    """(SQL, its query plan) of each statement `read()` sends that reads dispatches."""
     from sqlalchemy import event
 
-    store.add_host("h", "http://h", "smollm2-135m")
-    answered(store, "h", 3)
     statements = []
     listen = lambda conn, cursor, sql, params, context, many: statements.append((sql, params))  # noqa: E731
     event.listen(store.engine, "before_cursor_execute", listen)
     try:
-        store.claim_unscored("A", 10, ttl_s=60)
-        store.queue_depth()
+        read()
     finally:
         event.remove(store.engine, "before_cursor_execute", listen)
-    queries = [(sql, params) for sql, params in statements if "FROM dispatches" in sql]
-    assert len(queries) == 2
+    plans = []
     with store.engine.connect() as conn:
         dbapi = conn.connection.driver_connection
         cursor = dbapi.cursor()
         if url.startswith("sqlite"):
             explain = "EXPLAIN QUERY PLAN "
-        else:  # on three rows PostgreSQL would rather scan: ask whether it can use the index
+        else:  # on a few rows PostgreSQL would rather scan: ask whether it can use an index
             cursor.execute("SET enable_seqscan = off")
             explain = "EXPLAIN "
-        for sql, params in queries:
-            cursor.execute(explain + sql, params)
-            plan = " ".join(str(r) for r in cursor.fetchall())
-            assert "ix_dispatches_awaiting_score" in plan, (sql, plan)
+        for sql, params in statements:
+            if "FROM dispatches" in sql or "JOIN dispatches" in sql:
+                cursor.execute(explain + sql, params)
+                plans.append((sql, " ".join(str(r) for r in cursor.fetchall())))
         dbapi.rollback()
+    return plans
+
+
+def test_scoring_queue_reads_its_index(store, url):
+    """Claiming answers to score and counting the queue go through the partial index of
+    answers awaiting a score, not through every answer ever stored (the planner must be
+    able to prove the index's predicate from the query's: checked on the real plans)."""
+    store.add_host("h", "http://h", "smollm2-135m")
+    answered(store, "h", 3)
+    plans = _plans(store, url, lambda: (store.claim_unscored("A", 10, ttl_s=60), store.queue_depth()))
+    assert len(plans) == 2
+    for sql, plan in plans:
+        assert "ix_dispatches_awaiting_score" in plan, (sql, plan)
+
+
+def test_a_hosts_answers_are_read_in_index_order(store, url):
+    """The answers page (newest 50 and the count) and the reputation refresh's read of a
+    host's whole history take the host's answers from the (host, time) index in the order
+    they are shown, with no sort of everything the host ever answered."""
+    for name in ("h", "other"):
+        store.add_host(name, f"http://{name}", "smollm2-135m")
+        answered(store, name, 3)
+    plans = _plans(store, url, lambda: (store.host_history("h", limit=50), store.host_outcomes("h")))
+    assert len(plans) == 3
+    for sql, plan in plans:
+        assert "ix_dispatches_host_id_finished_at_id" in plan, (sql, plan)
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, (sql, plan)
 
 
 # -- hosts and reputation ---------------------------------------------------------------
@@ -379,6 +404,8 @@ def test_ensure_probes_and_record_dispatch_once(store):
                                            "total_s": 30.0, "attempts": 3}, "v1") is True
     with pytest.raises(ValueError, match="ok"):
         store.record_dispatch("h-1-2", {"text": "no ok field"}, "v1")
+    with pytest.raises(ValueError, match="no probe 'h-9-9'"):
+        store.record_dispatch("h-9-9", call(ok=True, text="an answer to nothing"), "v1")
 
     with store.session(readonly=True) as s:
         rows = s.scalars(select(Dispatch).order_by(Dispatch.id)).all()

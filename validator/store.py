@@ -29,8 +29,9 @@ Conventions
   keeps text exactly).
 - What is read often must not grow with the history (months of answers): the scoring
   queue has its own partial index (`Dispatch.awaiting_score`), counts come from running
-  totals (`Tally`) kept in the transaction that stores what they count, and reputation
-  reads only its columns (`host_outcomes`).
+  totals (`Tally`) kept in the transaction that stores what they count, a host's answers
+  come newest first from one (host, time) index range (`Dispatch.host_id`), and
+  reputation reads only its columns (`host_outcomes`).
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ class Dispatch(Base):
     __tablename__ = "dispatches"
     # The scoring queue: only answers awaiting a score are in this index, oldest first.
     # (The predicates are written as the queries write them, which SQLite needs to use it.)
+    # A host's answers newest first (answers page, reputation): one range of the second.
     __table_args__ = (Index("ix_dispatches_awaiting_score", "finished_at", "id",
                             sqlite_where=sql_text("awaiting_score = 1"),
-                            postgresql_where=sql_text("awaiting_score")),)
+                            postgresql_where=sql_text("awaiting_score")),
+                      Index("ix_dispatches_host_id_finished_at_id", "host_id", "finished_at", "id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     probe_id: Mapped[str] = mapped_column(ForeignKey("probes.id"), unique=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))  # the probe's, copied for the index
     ok: Mapped[bool]
     text: Mapped[str | None] = mapped_column(SafeText)  # the raw answer, exact
     status: Mapped[int | None]
@@ -608,6 +612,9 @@ class Store:
         values.update(probe_id=probe_id, detail=values["detail"] or "", validator=validator,
                       finished_at=finished_at or _now(), awaiting_score=values["ok"])
         with self.session() as s:
+            values["host_id"] = s.scalar(select(Probe.host_id).where(Probe.id == probe_id))
+            if values["host_id"] is None:
+                raise ValueError(f"no probe {probe_id!r}: store the probe (ensure_probes) first")
             if not self._insert_new(s, Dispatch, values, "probe_id"):
                 return False
             amounts = {"calls": 1}
@@ -615,7 +622,7 @@ class Store:
                 amounts["failed"] = 1
             if values["error"] is not None:
                 amounts[f"error:{values['error']}"] = 1
-            self._count(s, s.scalar(select(Probe.host_id).where(Probe.id == probe_id)), amounts)
+            self._count(s, values["host_id"], amounts)
             return True
 
     # -- scoring
@@ -674,7 +681,7 @@ class Store:
         return (select(*(columns or (Probe, Dispatch, Score)))
                 .join(Dispatch, Dispatch.probe_id == Probe.id)
                 .outerjoin(Score, Score.probe_id == Probe.id)
-                .where(Probe.host_id == host_id)
+                .where(Dispatch.host_id == host_id)  # not Probe's: this one is indexed in this order
                 .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()))
 
     def host_scores(self, host: str, limit: int | None = None) -> list[dict]:
@@ -831,16 +838,22 @@ class Store:
         no score yet); `failed`: only failed calls (True) or only answered ones (False)."""
         if verdict is not None and verdict not in (*VERDICTS, "unscored"):
             raise ValueError(f"unknown verdict {verdict!r}; one of {', '.join(VERDICTS)}, unscored")
+        match = []
+        if verdict == "unscored":
+            match += [Dispatch.ok.is_(True), Score.id.is_(None)]
+        elif verdict is not None:
+            match.append(Score.verdict == verdict)
+        if failed is not None:
+            match.append(Dispatch.ok.is_(not failed))
         with self.session(readonly=True) as s:
-            stmt = self._answers(self._host(s, host).id)
-            if verdict == "unscored":
-                stmt = stmt.where(Dispatch.ok.is_(True), Score.id.is_(None))
-            elif verdict is not None:
-                stmt = stmt.where(Score.verdict == verdict)
-            if failed is not None:
-                stmt = stmt.where(Dispatch.ok.is_(not failed))
-            total = s.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
-            page = s.execute(stmt.limit(limit).offset(offset))
+            host_id = self._host(s, host).id
+            # counted on dispatches alone (joined to scores only to match a verdict): the
+            # count reads every matching answer, the page only its own
+            count = select(func.count()).select_from(Dispatch).where(Dispatch.host_id == host_id, *match)
+            if verdict is not None:
+                count = count.outerjoin(Score, Score.probe_id == Dispatch.probe_id)
+            total = s.scalar(count)
+            page = s.execute(self._answers(host_id).where(*match).limit(limit).offset(offset))
             return total, [{"probe": row(p), "dispatch": row(d), "score": row(sc)} for p, d, sc in page]
 
     def probe_detail(self, probe_id: str) -> dict | None:
