@@ -165,6 +165,12 @@ def test_upgrade_from_0003_fills_the_scoring_queue_and_the_tallies(url):
         total, page = store.host_history("h", limit=2)
         assert total == 3 and [a["probe"]["id"] for a in page] == ["p2", "p1"]
         store.close()
+        with engine.connect() as conn:  # 0006 copies dispatches on SQLite: the queue index keeps its predicate
+            if url.startswith("sqlite"):
+                ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'ix_dispatches_awaiting_score'")
+            else:
+                ddl = conn.exec_driver_sql("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_dispatches_awaiting_score'")
+            assert "WHERE awaiting_score" in ddl.scalar_one()
 
         with engine.begin() as conn:  # and back, and up again
             cfg = alembic_config()

@@ -21,24 +21,16 @@ def upgrade() -> None:
     op.add_column("dispatches", sa.Column("host_id", sa.Integer(), nullable=True))
     op.execute("UPDATE dispatches SET host_id = "
                "(SELECT probes.host_id FROM probes WHERE probes.id = dispatches.probe_id)")
-    # SQLite cannot add NOT NULL or a foreign key in place: batch mode copies the table,
-    # which would not carry the partial index's predicate, so that index goes and returns.
-    op.drop_index("ix_dispatches_awaiting_score", table_name="dispatches")
+    # SQLite cannot add NOT NULL or a foreign key in place: batch mode copies the table
+    # (its indexes, the partial one's predicate included, are re-created with it)
     with op.batch_alter_table("dispatches") as batch:
         batch.alter_column("host_id", existing_type=sa.Integer(), nullable=False)
         batch.create_foreign_key("fk_dispatches_host_id_hosts", "hosts", ["host_id"], ["id"])
-    op.create_index("ix_dispatches_awaiting_score", "dispatches", ["finished_at", "id"],
-                    sqlite_where=sa.text("awaiting_score = 1"),
-                    postgresql_where=sa.text("awaiting_score"))
     op.create_index("ix_dispatches_host_id_finished_at_id", "dispatches", ["host_id", "finished_at", "id"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_dispatches_host_id_finished_at_id", table_name="dispatches")
-    op.drop_index("ix_dispatches_awaiting_score", table_name="dispatches")
     with op.batch_alter_table("dispatches") as batch:
         batch.drop_constraint("fk_dispatches_host_id_hosts", type_="foreignkey")
         batch.drop_column("host_id")
-    op.create_index("ix_dispatches_awaiting_score", "dispatches", ["finished_at", "id"],
-                    sqlite_where=sa.text("awaiting_score = 1"),
-                    postgresql_where=sa.text("awaiting_score"))
