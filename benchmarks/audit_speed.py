@@ -33,9 +33,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def baseline_forward(records: list[dict], threads: int) -> tuple[float, int]:
     import torch
 
-    from validator.reference import ReferenceModel
-    from validator.registry import Registry
-    from validator.sampling import Settings
+    from validator.scoring.reference import ReferenceModel
+    from validator.models.registry import Registry
+    from validator.models.sampling import Settings
 
     torch.set_num_threads(threads)
     ref = ReferenceModel.load(Registry.load().get("smollm2-135m"))

@@ -4,7 +4,7 @@ Starts `validator simulate` in a subprocess with N fast hosts (the `static` stra
 model), then sends the probes at the given concurrency, twice in this process:
 
 - baseline: bare httpx POSTs on one pooled AsyncClient (no deadlines, no envelope checks);
-- client:   validator.client.FlexstackClient, one per host on that same kind of pool, with
+- client:   validator.probing.client.FlexstackClient, one per host on that same kind of pool, with
             its deadlines, retries, envelope parsing and byte caps; half the probes streamed.
 
 CPU time is this process's (the hosts run in the subprocess), so it is the client's own.
@@ -34,8 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from validator.client import FlexstackClient, Timeouts  # noqa: E402
-from validator.sampling import Settings  # noqa: E402
+from validator.probing.client import FlexstackClient, Timeouts  # noqa: E402
+from validator.models.sampling import Settings  # noqa: E402
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 SETTINGS = Settings(temperature=0.0, top_k=50, top_p=0.5, max_tokens=64)

@@ -6,7 +6,7 @@ text, no model), then, in this process:
 
 - baseline: the probes of one round (derived from the secret exactly as the daemon
             derives them: same prompts, settings and stream flags) sent with bare
-            validator.client.FlexstackClient at the same concurrency, on a pool with the
+            validator.probing.client.FlexstackClient at the same concurrency, on a pool with the
             daemon's limits, no database;
 - per backend (a fresh SQLite file; a fresh database on the local PostgreSQL,
   postgresql+psycopg://postgres@127.0.0.1:5432, skipped with a note if unreachable):
@@ -62,10 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client_throughput import measure, start_hosts  # noqa: E402  (this folder is on sys.path)
-from validator.client import FlexstackClient  # noqa: E402
-from validator.config import ValidatorConfig  # noqa: E402
+from validator.probing.client import FlexstackClient  # noqa: E402
+from validator.service.config import ValidatorConfig  # noqa: E402
 from validator.daemon import Daemon  # noqa: E402
-from validator.probes import derive_probes, load_bank, load_mix  # noqa: E402
+from validator.probing.probes import derive_probes, load_bank, load_mix  # noqa: E402
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 MODEL = "smollm2-135m"

@@ -19,7 +19,7 @@ in decides which probe counts first and what the replaying cheat replays).
 
 Every host is model-backed (no fault hosts): the three honest engines of the calibration
 (transformers float32 and bfloat16, llama.cpp on the GGUF) and the eight cheats of
-validator/simulator.py (other-model, layers-removed, requantised, settings-ignored,
+validator/network/simulator.py (other-model, layers-removed, requantised, settings-ignored,
 hotter, greedy-when-sampling, truncated, replayed), each run as `--replicas` independent
 hosts named `cheat-<strategy>-<i>` (honest ones `honest-<engine>-<i>`, `--honest-replicas`
 of each). Different host names get different probes from the secret, so replicas are

@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from validator.reference import ReferenceModel  # noqa: E402
-from validator.sampling import Settings  # noqa: E402
+from validator.scoring.reference import ReferenceModel  # noqa: E402
+from validator.models.sampling import Settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor figures, without sparsity), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

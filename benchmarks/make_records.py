@@ -20,9 +20,9 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from validator.engines import HostFactory  # noqa: E402
-from validator.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
-from validator.registry import Registry  # noqa: E402
+from validator.network.engines import HostFactory  # noqa: E402
+from validator.probing.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
+from validator.models.registry import Registry  # noqa: E402
 
 DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-other-model"
 

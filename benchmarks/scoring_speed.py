@@ -84,10 +84,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from validator.audit import parse_line, probe_seed, run_audit  # noqa: E402
-from validator.reference import ReferenceModel  # noqa: E402
-from validator.registry import Registry  # noqa: E402
-from validator.sampling import Settings  # noqa: E402
+from validator.scoring.batch import parse_line, probe_seed, run_audit  # noqa: E402
+from validator.scoring.reference import ReferenceModel  # noqa: E402
+from validator.models.registry import Registry  # noqa: E402
+from validator.models.sampling import Settings  # noqa: E402
 
 MODEL = "smollm2-135m"
 RESULTS = ROOT / "benchmarks" / "results"

@@ -31,16 +31,16 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import validator.engines
-import validator.reference
-import validator.registry
-import validator.sampling
+import validator.network.engines
+import validator.scoring.reference
+import validator.models.registry
+import validator.models.sampling
 
 ANSWERS_FILE = Path(__file__).parent / "data" / "answers.jsonl"
 GENERATIONS_FILE = Path(__file__).parent / "data" / "generations.jsonl"
 # Whatever decides an engine's answer besides the probe: the engines' code, the GGUF
 # conversion (registry.py), the settings' meaning, the model list, and these packages.
-SOURCES = (validator.engines.__file__, validator.registry.__file__, validator.sampling.__file__)
+SOURCES = (validator.network.engines.__file__, validator.models.registry.__file__, validator.models.sampling.__file__)
 PACKAGES = ("torch", "transformers", "llama_cpp_python", "tokenizers", "gguf")
 
 
@@ -114,8 +114,8 @@ def load_or_generate(factory, probes, plan: dict,
 def generation_fingerprint(ref, prompts, settings, seeds) -> str:
     """Everything that decides the reference's own generations, hashed: the generation
     code itself rather than reference.py (scoring changes there do not touch it)."""
-    code = (validator.reference.ReferenceModel.generate, validator.reference.ReferenceModel._generate_batch,
-            validator.sampling.sample_next)
+    code = (validator.scoring.reference.ReferenceModel.generate, validator.scoring.reference.ReferenceModel._generate_batch,
+            validator.models.sampling.sample_next)
     what = {
         "code": [inspect.getsource(f) for f in code],
         "packages": _package_versions(),

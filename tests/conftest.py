@@ -1,6 +1,6 @@
 """Shared fixtures. Every answer the tests score comes from a real model: SmolLM2-135M
 (transformers in float32 and bfloat16, llama.cpp on its GGUF) and Gemma-3 270M (llama.cpp)
-as the "other model" (validator.engines.HostFactory), recorded in tests/data and
+as the "other model" (validator.network.engines.HostFactory), recorded in tests/data and
 regenerated whenever what decides them changes (tests/answers.py)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from validator.engines import HostFactory  # noqa: E402
-from validator.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
-from validator.reference import ReferenceModel  # noqa: E402
-from validator.registry import Registry  # noqa: E402
-from validator.scoring import Tolerances  # noqa: E402
+from validator.network.engines import HostFactory  # noqa: E402
+from validator.probing.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
+from validator.scoring.reference import ReferenceModel  # noqa: E402
+from validator.models.registry import Registry  # noqa: E402
+from validator.scoring.verdict import Tolerances  # noqa: E402
 
 from .answers import load_or_generate  # noqa: E402
 

@@ -6,9 +6,9 @@ import random
 
 import numpy as np
 
-from validator.align import MAX_BRANCHES, AlignItem, Aligner
-from validator.probes import load_bank
-from validator.sampling import Settings
+from validator.scoring.align import MAX_BRANCHES, AlignItem, Aligner
+from validator.probing.probes import load_bank
+from validator.models.sampling import Settings
 
 from .answers import reference_generations
 

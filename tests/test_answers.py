@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from validator.sampling import Settings
+from validator.models.sampling import Settings
 
 from .answers import fingerprint, generation_fingerprint, load_or_generate, reference_generations
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from validator.audit import run_audit
-from validator.registry import DEFAULT_REGISTRY, Registry
+from validator.scoring.batch import run_audit
+from validator.models.registry import DEFAULT_REGISTRY, Registry
 
 from .conftest import MODEL
 

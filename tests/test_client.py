@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from validator.client import CallRecord, Err, FlexstackClient, Timeouts
-from validator.sampling import Settings
+from validator.probing.client import CallRecord, Err, FlexstackClient, Timeouts
+from validator.models.sampling import Settings
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 SETTINGS = Settings(temperature=0.0, top_k=10, top_p=0.9, max_tokens=64)

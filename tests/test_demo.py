@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from validator.cli import app
-from validator.registry import REPO_ROOT
+from validator.models.registry import REPO_ROOT
 
 HOSTS = [
     {"name": "honest-llama-cpp", "strategy": "honest-llama.cpp"},
@@ -74,8 +74,8 @@ def test_reduced_demo_trusts_the_honest_and_flags_every_cheat(demo_db):
 def test_demo_rounds_are_numbered_from_the_config_so_probes_repeat(demo_db):
     """configs/demo.yaml's first_round numbers the rounds instead of the clock: every
     demo run sends exactly the probes derived for rounds 1 and 2."""
-    from validator.config import ValidatorConfig
-    from validator.probes import derive_probes, load_bank, load_mix
+    from validator.service.config import ValidatorConfig
+    from validator.probing.probes import derive_probes, load_bank, load_mix
 
     db, _ = demo_db
     demo = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from validator.audit import run_audit
-from validator.evidence import HostRule, host_verdict
+from validator.scoring.batch import run_audit
+from validator.reputation import HostRule, host_verdict
 
 from .conftest import CHEAT_ANSWERS, MODEL
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from validator.engines import Request, shared_engine
-from validator.sampling import Settings
+from validator.network.engines import Request, shared_engine
+from validator.models.sampling import Settings
 
 MESSAGES = [{"role": "user", "content": "Write two sentences about the sea."}]
 SAMPLED = Settings(temperature=1.0, top_k=0, top_p=1.0, max_tokens=16)

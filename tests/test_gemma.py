@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from validator.audit import run_audit
-from validator.engines import LlamaCppEngine, answer_records
-from validator.probes import greedy_and_sampled, load_bank, load_mix
-from validator.reference import ReferenceModel
+from validator.scoring.batch import run_audit
+from validator.network.engines import LlamaCppEngine, answer_records
+from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
+from validator.scoring.reference import ReferenceModel
 
 from .test_align import assert_canonical_ids_match_the_tokenizer
 

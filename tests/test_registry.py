@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from validator.engines import LlamaCppEngine, render_chat
-from validator.registry import Registry, RegistryError, _converted_gguf
+from validator.network.engines import LlamaCppEngine, render_chat
+from validator.models.registry import Registry, RegistryError, _converted_gguf
 
 
 def test_default_registry_has_the_required_models(registry):

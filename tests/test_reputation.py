@@ -26,7 +26,7 @@ def at(i: int) -> datetime:
 
 
 def scored(p_values, start: int = 0, **timing) -> list[Outcome]:
-    """Answered, scored probes; verdicts from the p-values as validator.scoring gives them."""
+    """Answered, scored probes; verdicts from the p-values as validator.scoring.verdict gives them."""
     timing = {"ttfb_s": 0.5, "total_s": 2.0, "bytes": 400, **timing}
     return [Outcome(f"q{start + i}", at(start + i),
                     "fail" if p < 1e-4 else "pass" if p >= 1e-2 else "inconclusive", float(p), None,
@@ -55,7 +55,7 @@ def test_honest_flag_rate_stays_below_alpha_over_thousands_of_looks():
     assert rate <= config.alpha, rate
 
     # The same simulation catches a rule that does not control repeated looks: Fisher's
-    # combined p-value (validator.evidence) checked after every probe at the same level.
+    # combined p-value (validator.reputation) checked after every probe at the same level.
     fisher_p = stats.chi2.sf(np.cumsum(-2 * np.log(p), axis=1), 2 * np.arange(1, p.shape[1] + 1))
     naive_rate = (fisher_p.min(axis=1) < config.alpha).mean()
     assert naive_rate > 3 * config.alpha, naive_rate

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from validator.sampling import Settings, SettingsError, kept_prefix_sizes, order_scales, sample_next
+from validator.models.sampling import Settings, SettingsError, kept_prefix_sizes, order_scales, sample_next
 
 
 def test_settings_accept_max_new_tokens_and_defaults():

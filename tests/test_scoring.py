@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from validator.align import AlignItem, Aligner
-from validator.evidence import HostRule, fisher, host_verdict
-from validator.probes import load_bank
-from validator.sampling import Settings
-from validator.scoring import Tolerances, score
-from validator.similarity import similarity
+from validator.scoring.align import AlignItem, Aligner
+from validator.reputation import HostRule, fisher, host_verdict
+from validator.probing.probes import load_bank
+from validator.models.sampling import Settings
+from validator.scoring.verdict import Tolerances, score
+from validator.scoring.similarity import similarity
 
 from .answers import reference_generations
 
@@ -95,7 +95,7 @@ def test_llama_cpp_may_finish_a_character_past_max_tokens(registry, ref, toleran
     """llama-cpp-python holds back a character its last allowed token left incomplete
     and generates on until it is whole: this honest answer (a probe of the demo network)
     needs 49 tokens for max_tokens=48. It must pass; text past the character must not."""
-    from validator.engines import Request, shared_engine
+    from validator.network.engines import Request, shared_engine
 
     messages = [{"role": "user", "content": "Write a tweet announcing that our bakery will now open at 7am on weekdays."}]
     settings = Settings(temperature=0.3, top_k=10, top_p=0.9, max_tokens=48)

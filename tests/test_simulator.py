@@ -18,11 +18,11 @@ import httpx
 import pytest
 import yaml
 
-from validator.audit import run_audit
-from validator.client import Err, FlexstackClient, Timeouts
-from validator.probes import greedy_and_sampled, load_bank, load_mix
-from validator.sampling import Settings
-from validator.simulator import STATIC_TEXT, STRATEGIES, NetworkConfig, SimulatedNetwork
+from validator.scoring.batch import run_audit
+from validator.probing.client import Err, FlexstackClient, Timeouts
+from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
+from validator.models.sampling import Settings
+from validator.network.simulator import STATIC_TEXT, STRATEGIES, NetworkConfig, SimulatedNetwork
 
 from .conftest import MODEL
 

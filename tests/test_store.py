@@ -51,9 +51,9 @@ def store(url):
 
 
 def call(**fields):
-    """A CallRecord (imported here: validator.client pulls in torch, which would slow
+    """A CallRecord (imported here: validator.probing.client pulls in torch, which would slow
     down every spawned worker that imports this module)."""
-    from validator.client import CallRecord
+    from validator.probing.client import CallRecord
 
     return CallRecord(**fields)
 

@@ -40,9 +40,9 @@ def audit(
     no_rerun: bool = typer.Option(False, "--no-rerun", help="Skip the reference re-run (no similarity metrics)."),
 ):
     """Score recorded answers against the reference model of the model each claims."""
-    from .audit import run_audit
-    from .evidence import HostRule
-    from .registry import Registry
+    from validator.scoring.batch import run_audit
+    from validator.reputation import HostRule
+    from validator.models.registry import Registry
 
     registry = Registry.load(models)
     started = time.perf_counter()
@@ -92,8 +92,8 @@ def calibrate(
     models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
 ):
     """Measure how far honest engines stray from the reference and write tolerances."""
-    from .calibration import calibrate as run
-    from .registry import Registry
+    from validator.service.calibration import calibrate as run
+    from validator.models.registry import Registry
 
     registry = Registry.load(models)
     spec = registry.get(model)
@@ -121,7 +121,7 @@ def simulate(
     """Serve a simulated network of hosts on loopback until interrupted.
 
     Prints one line per host, `NAME URL STRATEGY`, once every port is listening."""
-    from .simulator import NetworkConfig, SimulatedNetwork
+    from validator.network.simulator import NetworkConfig, SimulatedNetwork
 
     try:
         net = SimulatedNetwork(NetworkConfig.load(network))
@@ -153,7 +153,7 @@ STATE_COLOURS = {"new": "cyan", "trusted": "green", "probation": "yellow", "flag
 
 
 def _config(config: Optional[Path]):
-    from .config import ValidatorConfig
+    from validator.service.config import ValidatorConfig
 
     try:
         return ValidatorConfig.load(config)
@@ -170,7 +170,7 @@ def _db_url(config: Optional[Path], db: Optional[str]) -> str:
 def _open_store(config: Optional[Path], db: Optional[str], *, create: bool = False):
     """The store, migrated to head. Reading a SQLite file that does not exist is an error
     (a typo must not silently show an empty network)."""
-    from .store import Store, upgrade
+    from validator.store import Store, upgrade
 
     url = _db_url(config, db)
     if url.startswith("sqlite:///") and not create and not Path(url[len("sqlite:///"):]).exists():
@@ -223,7 +223,7 @@ def print_hosts(rows: list[dict], reasons: dict[str, str] | None = None) -> None
 @db_app.command("upgrade")
 def db_upgrade(config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Create or migrate the database to the current schema (a no-op when current)."""
-    from .store import upgrade
+    from validator.store import upgrade
 
     url = _db_url(config, db)
     upgrade(url)
@@ -311,7 +311,7 @@ def hosts_remove(name: str, config: Optional[Path] = CONFIG, db: Optional[str] =
 def _admin(name: str, verb: str, note: str, config, db) -> None:
     from datetime import datetime, timezone
 
-    from . import reputation
+    from validator import reputation
 
     store = _open_store(config, db)
     h = store.get_host(name)
@@ -352,8 +352,8 @@ def feedback(probe_id: str, rating: float = typer.Option(..., help="1 (bad) to 5
              note: str = typer.Option("", help="What the reviewer saw."),
              config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Record a person's rating of one answer; it is folded into the host's score."""
-    from .daemon import refresh_reputation
-    from .reputation import ReputationConfig
+    from validator.daemon import refresh_reputation
+    from validator.reputation import ReputationConfig
 
     if not 1 <= rating <= 5:
         raise typer.BadParameter("rating must be between 1 and 5", param_hint="--rating")
@@ -404,7 +404,7 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
                 as_json: bool = typer.Option(False, "--json")):
     """The probes a host gets in a round (derived from the secret: reproducible here,
     unpredictable to hosts)."""
-    from .probes import derive_probes, load_bank, load_mix
+    from validator.probing.probes import derive_probes, load_bank, load_mix
 
     cfg = _config(config)
     try:
@@ -432,7 +432,7 @@ def run(config: Optional[Path] = CONFIG,
     """The daemon: probe rounds, scoring and reputation until SIGTERM/SIGINT (drains first)."""
     import asyncio
 
-    from .daemon import Daemon
+    from validator.daemon import Daemon
 
     cfg = _config(config)
     if instance:
@@ -456,7 +456,7 @@ def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
     st = store.status()
     from datetime import datetime, timezone
 
-    from .daemon import HEARTBEAT_S
+    from validator.daemon import HEARTBEAT_S
 
     now = datetime.now(timezone.utc)
     validators = []
@@ -514,11 +514,11 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
     import yaml
     from rich.progress import SpinnerColumn
 
-    from .config import HostEntry, ValidatorConfig
-    from .daemon import Daemon
-    from .registry import REPO_ROOT
-    from .simulator import NetworkConfig, SimulatedNetwork
-    from .store import Store
+    from validator.service.config import HostEntry, ValidatorConfig
+    from validator.daemon import Daemon
+    from validator.models.registry import REPO_ROOT
+    from validator.network.simulator import NetworkConfig, SimulatedNetwork
+    from validator.store import Store
 
     path = config if config.exists() or config.is_absolute() else REPO_ROOT / config
     raw = yaml.safe_load(path.read_text())
@@ -593,7 +593,7 @@ def bench(
 ):
     """Run a research benchmark suite against hosts and write report.json/.md/.html."""
     if compare and any(compare):
-        from .bench.compare import ReportError, compare as diff, load_report, print_comparison
+        from validator.bench.compare import ReportError, compare as diff, load_report, print_comparison
 
         try:
             result = diff(load_report(compare[0]), load_report(compare[1]))
@@ -608,10 +608,10 @@ def bench(
     if suite is None:
         typer.echo("error: give a suite file, or --compare A.json B.json", err=True)
         raise typer.Exit(2)
-    from .bench.report import host_table
-    from .bench.runner import Interrupted, run_bench
-    from .bench.suite import SuiteError
-    from .registry import Registry
+    from validator.bench.report import host_table
+    from validator.bench.runner import Interrupted, run_bench
+    from validator.bench.suite import SuiteError
+    from validator.models.registry import Registry
 
     target = out or Path("bench-out") / suite.stem
     try:
@@ -652,9 +652,9 @@ def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
     """REST API (OpenAPI docs at /docs), dashboard (/hosts), /metrics and POST /validator/v1/llm."""
     import uvicorn
 
-    from .registry import Registry
-    from .reputation import ReputationConfig
-    from .web.app import create_app
+    from validator.models.registry import Registry
+    from validator.reputation import ReputationConfig
+    from validator.web.app import create_app
 
     cfg = _config(config)
     overrides = {k: v for k, v in {"host": host, "port": port, "public_reads": public_reads}.items()
@@ -679,8 +679,8 @@ def tokens_create(role: str = typer.Option(..., "--role", help="admin (reads and
                                                      "recorded with admin actions); default: the role."),
                   config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Create a token and print it once (only its SHA-256 is stored)."""
-    from .store import API_ROLES
-    from .web.auth import create_token
+    from validator.store import API_ROLES
+    from validator.web.auth import create_token
 
     if role not in API_ROLES:
         raise typer.BadParameter(f"one of {', '.join(API_ROLES)}", param_hint="--role")
@@ -720,7 +720,7 @@ def tokens_revoke(token_id: int = typer.Argument(..., help="The token's id (`val
 @app.command("models")
 def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry.")):
     """List the model registry."""
-    from .registry import Registry
+    from validator.models.registry import Registry
 
     registry = Registry.load(models)
     table = Table()

@@ -41,12 +41,12 @@ from typing import Callable
 import httpx
 from sqlalchemy.exc import IntegrityError
 
-from .client import FlexstackClient
-from .config import ValidatorConfig
-from .probes import derive_probes, load_bank, load_mix
-from .registry import Registry
-from .reputation import Outcome, ReputationConfig, Transition, assess
-from .store import Store, upgrade
+from validator.probing.client import FlexstackClient
+from validator.service.config import ValidatorConfig
+from validator.probing.probes import derive_probes, load_bank, load_mix
+from validator.models.registry import Registry
+from validator.reputation import Outcome, ReputationConfig, Transition, assess
+from validator.store import Store, upgrade
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30  # `validator status` calls a validator alive within 3 heartbeats
@@ -169,7 +169,7 @@ class Daemon:
         return total
 
     def score_batch(self) -> int:
-        from .audit import run_audit
+        from validator.scoring.batch import run_audit
 
         cfg = self.config.scoring
         with self._score_lock:

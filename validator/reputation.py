@@ -17,7 +17,7 @@ honesty(state) is 1 for `trusted`, 0.5 for `new` and `probation`, 0 for `flagged
 `disabled`.
 
 - availability: share of probes answered without a transport error (timeouts,
-  malformed bodies, 5xx ... as classed by validator.client), over the last `window`
+  malformed bodies, 5xx ... as classed by validator.probing.client), over the last `window`
   probes, each weighted 2^(-age / half_life), age 0 for the newest probe.
 - latency: per answered probe, the mean of a time-to-first-byte term (1 at or below
   `ttfb_target_s`, 0 at or above `ttfb_limit_s`, linear between) and a throughput term
@@ -76,15 +76,55 @@ import math
 import numbers
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
-from .evidence import HostRule
 
 STATES = ("new", "trusted", "probation", "flagged", "disabled")
 VERDICTS = ("pass", "fail", "inconclusive")  # scored: these carry a p-value
 UNSCORED = "error"  # the validator could not score the answer (its fault, not the host's)
+
+
+# ---------------------------------------------------------------- one audit's host verdict
+# Evidence from many answers of one host, combined into one verdict.
+#
+# Fisher's method: under honesty every answer's p-value is uniform or larger (ours are
+# conservative), so -2 * sum(ln p) is at most chi-squared with 2n degrees of freedom and
+# its tail is a valid p-value for the whole set. A host is `dishonest` when that p-value
+# is below alpha (default 1e-4: the chance of flagging an honest host in one audit),
+# `honest` when it is comfortably large and there are enough answers, else
+# `inconclusive`.
+
+
+@dataclass(frozen=True)
+class HostRule:
+    alpha: float = 1e-4
+    honest_from: float = 1e-2  # combined p-value at or above which a host is called honest
+    min_records: int = 3  # fewer answers than this are never enough to call a host honest
+
+
+def fisher(p_values: Iterable[float]) -> float:
+    ps = list(p_values)
+    if not ps:
+        return 1.0
+    if min(ps) <= 0.0:
+        return 0.0
+    statistic = -2.0 * sum(math.log(min(p, 1.0)) for p in ps)
+    return float(stats.chi2.sf(statistic, 2 * len(ps)))
+
+
+def host_verdict(p_values: list[float], verdicts: list[str], rule: HostRule = HostRule()) -> dict:
+    p = fisher(p_values)
+    if p < rule.alpha:
+        verdict = "dishonest"
+    elif p >= rule.honest_from and len(p_values) >= rule.min_records:
+        verdict = "honest"
+    else:
+        verdict = "inconclusive"
+    return {"verdict": verdict, "records": len(p_values),
+            "failed": sum(v == "fail" for v in verdicts), "p_value": p}
 
 
 class InvalidTransition(ValueError):
@@ -95,7 +135,7 @@ class InvalidTransition(ValueError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """One probe's result. A transport failure has `error` (a validator.client.Err
+    """One probe's result. A transport failure has `error` (a validator.probing.client.Err
     class) and no verdict; an answered probe not scored yet has neither, and one the
     validator could not score has verdict "error" and no p-value: both are answered
     (availability, latency) but carry no honesty evidence."""

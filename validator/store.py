@@ -52,8 +52,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-if TYPE_CHECKING:  # validator.client imports torch (via sampling): keep this module light
-    from validator.client import CallRecord
+if TYPE_CHECKING:  # validator.probing.client imports torch (via sampling): keep this module light
+    from validator.probing.client import CallRecord
 
 STATES = ("new", "trusted", "probation", "flagged", "disabled")
 VERDICTS = ("pass", "fail", "inconclusive", "error")

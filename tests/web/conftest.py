@@ -25,12 +25,12 @@ import pytest
 import uvicorn
 
 from ..conftest import PG_URL, fresh_postgres_database
-from validator.audit import run_audit
-from validator.config import LlmEndpointConfig, ServeConfig
+from validator.scoring.batch import run_audit
+from validator.service.config import LlmEndpointConfig, ServeConfig
 from validator.daemon import refresh_reputation
-from validator.probes import load_bank
+from validator.probing.probes import load_bank
 from validator.reputation import ReputationConfig
-from validator.sampling import Settings
+from validator.models.sampling import Settings
 from validator.store import Store, upgrade
 from validator.web.app import create_app
 from validator.web.auth import create_token

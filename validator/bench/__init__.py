@@ -1,7 +1,7 @@
 """`validator bench`: research benchmark suites against hosts, and their reports.
 
 - suite.py: the suite YAML (pydantic), prompt sets, settings grids, probe expansion;
-- runner.py: sends the probes through validator.client, records each result durably as
+- runner.py: sends the probes through validator.probing.client, records each result durably as
   it arrives (resumable), scores them with the audit scorer;
 - report.py: report.json, report.md and a self-contained report.html;
 - compare.py: what changed between two report.json files.

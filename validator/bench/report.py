@@ -4,7 +4,7 @@ embedded PNGs, the suite and the full report JSON are embedded, no external URL)
 
 Metrics, per host (the suite's `metrics` choose which are computed and shown):
 - verdicts: the audit scorer's per-answer verdicts and p-values, pass and fail rates, and
-  the host verdict by Fisher's method at the suite's alpha (validator.evidence);
+  the host verdict by Fisher's method at the suite's alpha (validator.reputation);
 - gaps: per-token gaps between the reference's best log-prob and the host token's;
 - latency: time to first byte, total time, tokens (or characters) per second;
 - determinism: repeats of one probe on one host giving identical answers;
@@ -27,8 +27,8 @@ from pathlib import Path
 from statistics import fmean, median
 from typing import Any, Callable, Iterable
 
-from ..evidence import HostRule, host_verdict
-from .runner import Plan, write_atomic
+from validator.reputation import HostRule, host_verdict
+from validator.bench.runner import Plan, write_atomic
 
 SCHEMA = "validator.bench.report/1"
 ARGMAX_GAP = 1e-3  # a token within this many nats of the best counts as the reference's choice

@@ -1,5 +1,5 @@
-"""Running a suite: probes through validator.client, every result recorded durably the
-moment it arrives, then scored with the audit scorer (validator.audit.run_audit, as the
+"""Running a suite: probes through validator.probing.client, every result recorded durably the
+moment it arrives, then scored with the audit scorer (validator.scoring.batch.run_audit, as the
 daemon scores), then the reports.
 
 The output directory is the run's state:
@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from ..client import FlexstackClient
-from .suite import (BenchProbe, Suite, SuiteError, cells, credentials, expand, fingerprint,
+from validator.probing.client import FlexstackClient
+from validator.bench.suite import (BenchProbe, Suite, SuiteError, cells, credentials, expand, fingerprint,
                     load_suite, resolve_prompts, with_hosts)
 
 RUN_SCHEMA = "validator.bench.run/1"
@@ -292,8 +292,8 @@ def score_pending(p: Plan, out: OutDir, *, registry: Any = None, models: dict | 
             if row["ok"] and key in by_key and key not in out.scores.rows]
     if not todo:
         return 0
-    from ..audit import run_audit
-    from ..registry import Registry
+    from validator.scoring.batch import run_audit
+    from validator.models.registry import Registry
 
     registry = registry or Registry.load()
     models = models if models is not None else {}
@@ -368,13 +368,13 @@ def run_bench(suite_path: Path, out: Path, *, hosts: str | None = None, limit: i
               log: Callable[[str], None] = lambda m: None) -> RunResult:
     """Run (or resume) a suite into `out`, then write the reports. SuiteError: the suite
     or options cannot run; Interrupted: a signal stopped it (what was recorded stays)."""
-    from . import report as reporting
+    from validator.bench import report as reporting
 
     p = plan(suite_path, hosts=hosts, limit=limit, max_tokens=max_tokens, context_scale=context_scale)
     for h in p.suite.hosts:
         credentials(h)  # a missing environment variable is an error before anything is sent
     if p.suite.scored:
-        from ..registry import Registry, RegistryError
+        from validator.models.registry import Registry, RegistryError
 
         registry = registry or Registry.load()
         for model in {h.model or p.suite.model for h in p.suite.hosts}:

@@ -21,11 +21,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..audit import Message
-from ..config import ClientConfig
-from ..probes import Prompt, load_bank
-from ..registry import REPO_ROOT
-from ..sampling import API_DEFAULTS, Settings, SettingsError
+from validator.scoring.batch import Message
+from validator.service.config import ClientConfig
+from validator.probing.probes import Prompt, load_bank
+from validator.models.registry import REPO_ROOT
+from validator.models.sampling import API_DEFAULTS, Settings, SettingsError
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 BANKS = REPO_ROOT / "configs" / "prompts"

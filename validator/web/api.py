@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from .. import reputation
-from ..registry import RegistryError
-from ..store import STATES, VERDICTS
-from . import data
-from .auth import Principal, admin, reader
+from validator import reputation
+from validator.models.registry import RegistryError
+from validator.store import STATES, VERDICTS
+from validator.web import data
+from validator.web.auth import Principal, admin, reader
 
 router = APIRouter(prefix="/api")
 T = TypeVar("T")
@@ -101,7 +101,7 @@ class Answer(BaseModel):
     finished_at: datetime
     ok: bool
     status: int | None
-    error: str | None = Field(description="Error class of a failed call (validator.client).")
+    error: str | None = Field(description="Error class of a failed call (validator.probing.client).")
     detail: str
     ttfb_s: float | None
     total_s: float
@@ -323,7 +323,7 @@ def host_action(request: Request, action: Literal["disable", "enable", "release"
              responses={**ADMIN_ONLY, 404: {"description": "No such probe."}})
 def add_feedback(request: Request, body: FeedbackIn, probe_id: str = ProbeId, who: Principal = Depends(admin)):
     """A person's rating of one answer; folded into the host's score at once."""
-    from ..daemon import refresh_reputation
+    from validator.daemon import refresh_reputation
 
     ctx = web(request)
     p = ctx.store.probe(probe_id)

@@ -15,14 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
-from .. import __version__
-from ..config import ServeConfig
-from ..registry import Registry
-from ..reputation import ReputationConfig
-from ..store import Store
-from . import api, dashboard, llm_endpoint, metrics
-from .data import finite
-from .scorer import ModelUnavailable, Scorer
+from validator import __version__
+from validator.service.config import ServeConfig
+from validator.models.registry import Registry
+from validator.reputation import ReputationConfig
+from validator.store import Store
+from validator.web import api, dashboard, llm_endpoint, metrics
+from validator.web.data import finite
+from validator.web.scorer import ModelUnavailable, Scorer
 
 DESCRIPTION = """\
 The referee of a decentralised LLM network: hosts, their reputations and the evidence

@@ -27,12 +27,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..registry import DEFAULT_MODEL, RegistryError
-from ..reputation import components as reputation_components
-from ..sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
-from .api import unprocessable
-from .auth import Principal, llm_caller
-from .data import finite
+from validator.models.registry import DEFAULT_MODEL, RegistryError
+from validator.reputation import components as reputation_components
+from validator.models.sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
+from validator.web.api import unprocessable
+from validator.web.auth import Principal, llm_caller
+from validator.web.data import finite
 
 router = APIRouter()
 HARD_MAX_PAIRS = 10_000  # schema ceilings; the configured caps (serve.llm) are lower

@@ -19,8 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..store import SCORING_LATENCY_BUCKETS, STATES, Store
-from .auth import Principal, reader
+from validator.store import SCORING_LATENCY_BUCKETS, STATES, Store
+from validator.web.auth import Principal, reader
 
 router = APIRouter()
 
@@ -33,7 +33,7 @@ class StoreCollector(Collector):
         sent = CounterMetricFamily("validator_probes_sent", "Probes sent to a host and recorded "
                                    "(answered or failed).", labels=["host"])
         failed = CounterMetricFamily("validator_probes_failed", "Probes whose call failed, by error "
-                                     "class (validator.client).", labels=["host", "reason"])
+                                     "class (validator.probing.client).", labels=["host", "reason"])
         per_host: dict[str, int] = {}
         for host, error, n in self.store.dispatch_counts():
             per_host[host] = per_host.get(host, 0) + n

@@ -1,6 +1,6 @@
 """The models the web server computes with, loaded lazily, once per process.
 
-- Reference models (the scorer of `validator audit`, `validator.audit.run_audit`): the
+- Reference models (the scorer of `validator audit`, `validator.scoring.batch.run_audit`): the
   probe page's re-run and per-token gaps when they are not stored, and the scores of
   POST /validator/v1/llm.
 - The sentence embedder of /validator/v1/llm: all-MiniLM-L6-v2 as shipped inside the
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..registry import Registry
+from validator.models.registry import Registry
 
 log = logging.getLogger(__name__)
 RERUN_CACHE = 10_000  # re-runs kept per model (a long-lived server sees unbounded prompts)
@@ -49,8 +49,8 @@ class Scorer:
         """Score `validator audit` records ({id, host, model, messages, configs, response});
         returns run_audit's (output per record in order, per-host summary). A record the
         scorer cannot take comes back with verdict "error" and the reason."""
-        from ..audit import run_audit
-        from ..reference import ReferenceModel
+        from validator.scoring.batch import run_audit
+        from validator.scoring.reference import ReferenceModel
 
         lines = [json.dumps(r) for r in records]
         with self._lock:

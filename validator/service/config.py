@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .client import Timeouts
-from .registry import REPO_ROOT
+from validator.probing.client import Timeouts
+from validator.models.registry import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "validator.yaml"
 

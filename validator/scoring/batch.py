@@ -18,13 +18,13 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .align import AlignItem, Aligner
-from .evidence import HostRule, host_verdict
-from .reference import ReferenceModel
-from .registry import Registry, RegistryError
-from .sampling import Settings, SettingsError
-from .scoring import Score, Tolerances, VerdictRule, score
-from .similarity import similarity
+from validator.scoring.align import AlignItem, Aligner
+from validator.reputation import HostRule, host_verdict
+from validator.scoring.reference import ReferenceModel
+from validator.models.registry import Registry, RegistryError
+from validator.models.sampling import Settings, SettingsError
+from validator.scoring.verdict import Score, Tolerances, VerdictRule, score
+from validator.scoring.similarity import similarity
 
 log = logging.getLogger(__name__)
 # Natural text runs 3-5 bytes a token. An answer denser than this many bytes a token of

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import httpx
 
-from validator.sampling import Settings
+from validator.models.sampling import Settings
 
 ROLES = ("system", "user", "assistant")
 _ERROR_BODY_CAP = 64 * 1024  # enough of an error body for its message

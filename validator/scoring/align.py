@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .reference import Past, ReferenceModel, StepFeatures
-from .sampling import Settings
+from validator.scoring.reference import Past, ReferenceModel, StepFeatures
+from validator.models.sampling import Settings
 
 OUTSIDE_SUPPORT_PENALTY = 30.0  # nats; keeps out-of-support tokens ordered but unattractive
 BRANCH_MARGIN = 0.05  # nats; below this an alternative is a tie, not worth a pass

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .align import Alignment
-from .reference import LAMBDAS_HIGH, LAMBDAS_LOW
-from .sampling import ORDERS, Settings
-from .tokens import TokenTable
+from validator.scoring.align import Alignment
+from validator.scoring.reference import LAMBDAS_HIGH, LAMBDAS_LOW
+from validator.models.sampling import ORDERS, Settings
+from validator.scoring.tokens import TokenTable
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .registry import ModelSpec
-from .sampling import Settings, kept_prefix_sizes, order_scales, sample_next
-from .tokens import TokenTable
+from validator.models.registry import ModelSpec
+from validator.models.sampling import Settings, kept_prefix_sizes, order_scales, sample_next
+from validator.scoring.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from typing import Callable
 
 import numpy as np
 
-from .align import AlignItem, Aligner
-from .engines import LlamaCppEngine, TransformersEngine, answer_records
-from .probes import greedy_and_sampled, load_bank, load_mix
-from .reference import ReferenceModel
-from .registry import ModelSpec
-from .sampling import Settings
-from .scoring import Tolerances, VerdictRule, score
+from validator.scoring.align import AlignItem, Aligner
+from validator.network.engines import LlamaCppEngine, TransformersEngine, answer_records
+from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
+from validator.scoring.reference import ReferenceModel
+from validator.models.registry import ModelSpec
+from validator.models.sampling import Settings
+from validator.scoring.verdict import Tolerances, VerdictRule, score
 
 SAFETY = 2.0
 FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .registry import REPO_ROOT
-from .sampling import Settings
+from validator.models.registry import REPO_ROOT
+from validator.models.sampling import Settings
 
 SETTINGS_FILE = REPO_ROOT / "configs" / "settings.yaml"
 

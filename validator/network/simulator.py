@@ -4,7 +4,7 @@ servers break (shared/reference/flexstack.md has the API they imitate).
 
 One uvicorn server listens on one port per host, plus one for the gateway; the port a
 request arrives on says which host it is for. Every model-backed host draws its answers
-from validator.engines, so each model is loaded once per process and shared.
+from validator.network.engines, so each model is loaded once per process and shared.
 
 A strategy is a plug-in: subclass `Strategy`, give it a `name`, its `engines` (the
 default `answer` generates with the first) and an `Options` model, override `answer`
@@ -41,10 +41,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engines import Request as EngineRequest
-from .engines import greedy, hotter, shared_engine, truncate
-from .registry import REPO_ROOT, Registry
-from .sampling import Settings, SettingsError
+from validator.network.engines import Request as EngineRequest
+from validator.network.engines import greedy, hotter, shared_engine, truncate
+from validator.models.registry import REPO_ROOT, Registry
+from validator.models.sampling import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Call:
 
 class Strategy:
     """How one host answers. Subclasses set `name`, optionally `Options` and
-    `engines` (engine names from validator.engines to load before serving)."""
+    `engines` (engine names from validator.network.engines to load before serving)."""
 
     name: ClassVar[str]
     engines: ClassVar[tuple[str, ...]] = ()

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REGISTRY = REPO_ROOT / "configs" / "models.yaml"
 DEFAULT_MODEL = "smollm2-135m"
 

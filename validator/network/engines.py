@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from .registry import ModelSpec
-from .sampling import Settings
+from validator.models.registry import ModelSpec
+from validator.models.sampling import Settings
 
 log = logging.getLogger(__name__)
 
