@@ -6,7 +6,10 @@
 
 Prompts come from the general bank, by default starting after the ones the tests use
 (the speed benchmarks' records start at the first, `--first 0`); each is
-asked once greedily and once sampled (settings from configs/settings.yaml).
+asked once greedily and once sampled (settings from a mix in configs/settings.yaml:
+`calibration`, the short answers the committed records were made with, unless --mix
+names another; `--mix default` gives answers of the length users ask for, up to 512 and
+1024 tokens).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from validator.models.registry import Registry  # noqa: E402
 DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-other-model"
 
 
-def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40) -> list[dict]:
+def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40,
+                 mix: str = "calibration") -> list[dict]:
     bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
-    probes = greedy_and_sampled(bank, load_mix(), seed=2026)
+    probes = greedy_and_sampled(bank, load_mix(mix), seed=2026)
     factory = HostFactory(Registry.load(), model)
     records = []
     for host in hosts:
@@ -44,8 +48,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
     ap.add_argument("--hosts", default=DEFAULT_HOSTS)
+    ap.add_argument("--mix", default="calibration", help="settings mix (configs/settings.yaml)")
     args = ap.parse_args()
-    records = make_records(args.prompts, args.hosts.split(","), first=args.first)
+    records = make_records(args.prompts, args.hosts.split(","), first=args.first, mix=args.mix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for r in records:

@@ -34,7 +34,7 @@ def test_gemma_prompt_and_token_bytes(gemma):
 
 def test_gemma_honest_llama_cpp_answers_pass(gemma, registry):
     spec = registry.get("gemma-3-270m")
-    probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[:8], load_mix(), seed=3)
+    probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[:8], load_mix("calibration"), seed=3)
     engine = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
     records = answer_records(engine, probes, "gemma-llama.cpp", "gemma-3-270m")
     lines, hosts = run_audit((json.dumps(r) for r in records), registry, models={"gemma-3-270m": gemma})
