@@ -3,19 +3,23 @@
 Two APScheduler jobs in one asyncio loop (APScheduler 3.x; its job store is in memory on
 purpose — our own tables are the durable state):
 
-- `round`: every `rounds.interval_s` (with jitter), claim hosts for the current round
-  (round number = time // interval, so every validator agrees on it), derive each host's
-  probes from the secret, send the ones without an answer yet, and commit every answer
-  the moment it arrives. Hosts start at random offsets within `spread_s`; at most
-  `concurrency` probes are in flight.
+- rounds (a loop of its own, not a job: a round lasts about its whole interval, and the
+  next one must start on time): a round is the lease over a host's probes for one
+  interval. Round r starts at r * interval + phase, the phase keyed by the secret, so
+  validators sharing a database (and a secret) agree on the round while no public clock
+  marks it. Each round claims the hosts, derives each host's probes from the secret, and
+  sends each one without an answer yet at its own random time within `spread_s` of the
+  round's start (Poisson arrivals per host; validator.probing.probes.arrival_offsets),
+  committing every answer the moment it arrives. A round's last probes may overlap the
+  next round's first. At most `concurrency` probes are in flight; a validator busy with
+  as many probes as that leaves further hosts to the other validators.
 - `score`: every `scoring.interval_s`, lease a batch of unscored answers across hosts,
   score them on the reference model (in a worker thread, so dispatching goes on),
   commit the scores, then update the reputation of each host involved.
 
-Job defaults are set on purpose: coalesce (a late round runs once, not once per missed
-interval), one instance per job (a slow round is not overlapped by the next), and a
-misfire grace as long as the interval (APScheduler's default of 1 s would silently skip a
-round whenever the loop is busy for a second).
+Job defaults are set on purpose: coalesce (a late run runs once, not once per missed
+interval), one instance per job, and a misfire grace as long as the interval
+(APScheduler's default of 1 s would silently skip a run whenever the loop is busy).
 
 SIGTERM/SIGINT drain: no new work is claimed, in-flight probes finish (bounded by the
 client's deadline), the scoring batch in progress commits, then the process exits.
@@ -27,6 +31,7 @@ restarted) picks the work up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +48,8 @@ from sqlalchemy.exc import IntegrityError
 
 from validator.probing.client import FlexstackClient
 from validator.service.config import ValidatorConfig
-from validator.probing.probes import derive_probes, load_bank, load_mix
+from validator.probing.probes import (arrival_offsets, catch_up, derive_probes, load_bank,
+                                      load_probe_mix, schedule_phase)
 from validator.models.registry import Registry
 from validator.reputation import Outcome, ReputationConfig, Transition, assess
 from validator.store import Store, upgrade
@@ -74,7 +80,9 @@ class Daemon:
         self.registry = registry or Registry.load(config.models)
         self.models = models if models is not None else {}  # name -> ReferenceModel, loaded once
         self.bank = load_bank(config.prompts)
-        self.mix = load_mix(config.settings_mix)
+        self.mix = load_probe_mix(config.settings_mix)
+        self.phase = schedule_phase(self.secret, config.rounds.interval_s)
+        self.wire = config.client.wire()
         self.reputation = ReputationConfig.from_dict(config.reputation)
         self.progress = Progress()
         self.started_at = _now()
@@ -84,6 +92,10 @@ class Daemon:
         self._score_lock = threading.Lock()
         self._reputation_lock = threading.Lock()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
+        # Probes claimed and not yet known to wait for a later time, or due and not done:
+        # a validator claims more hosts only while this is below the concurrency.
+        self._busy = 0
+        self._busy_changed = asyncio.Condition()
         for host in config.hosts:
             if self.store.get_host(host.name) is None:
                 try:
@@ -94,62 +106,124 @@ class Daemon:
 
     # ------------------------------------------------------------------ probing
     def round_number(self, now: float | None = None) -> int:
-        return int((now if now is not None else time.time()) // self.config.rounds.interval_s)
+        now = time.time() if now is None else now
+        return int((now - self.phase) // self.config.rounds.interval_s)
 
-    async def probe_round(self, round_no: int | None = None) -> int:
-        """Claim and probe hosts for one round until none is left; returns hosts probed."""
+    def round_start(self, round_no: int) -> float:
+        return round_no * self.config.rounds.interval_s + self.phase
+
+    @property
+    def window_s(self) -> float:
+        """How much of a round a host's probes are spread over."""
+        rounds = self.config.rounds
+        return rounds.interval_s if rounds.spread_s is None else min(rounds.spread_s, rounds.interval_s)
+
+    async def _add_busy(self, n: int) -> None:
+        async with self._busy_changed:
+            self._busy += n
+            self._busy_changed.notify_all()
+
+    async def probe_round(self, round_no: int | None = None, started: float | None = None) -> int:
+        """Claim and probe hosts for one round until none is left; returns hosts probed.
+        `started`: the wall-clock start the probes' times count from (default: the
+        round's keyed start)."""
         round_no = self.round_number() if round_no is None else round_no
+        started = self.round_start(round_no) if started is None else started
         cfg = self.config.rounds
-        probed, started = 0, time.monotonic()
+        t0 = time.monotonic()
+        tasks: dict[str, asyncio.Task] = {}
         # A pool no larger than the probes in flight: httpcore scans its whole pool per
         # request, so twice the connections cost ~4x the CPU (benchmarks/daemon_overhead.py).
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
                 max_connections=cfg.concurrency, keepalive_expiry=4.0)) as http:
             while not self.stopping.is_set():
-                hosts = await asyncio.to_thread(self.store.claim_host_rounds, round_no, self.owner,
-                                                cfg.claim_batch, cfg.lease_s)
-                if not hosts:
-                    break
-                await asyncio.gather(*(self._probe_host(round_no, h, http) for h in hosts))
-                probed += len(hosts)
-        self.progress.rounds += 1
-        took = time.monotonic() - started
-        self.on_event(f"round {round_no}: {probed} hosts probed in {took:.0f} s"
-                      + (f" (longer than the {cfg.interval_s:.0f} s interval)" if took > cfg.interval_s else ""))
-        return probed
-
-    async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
-        cfg = self.config
-        host = await asyncio.to_thread(self.store.get_host, name)
-        probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
-                               cfg.rounds.probes_per_host)
-        await asyncio.to_thread(self.store.ensure_probes, round_no, name,
-                                [p.as_dict() for p in probes])
-        pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
-        if pending and cfg.rounds.spread_s:
-            await self._sleep(random.uniform(0, cfg.rounds.spread_s))
-        token = (os.environ.get(host["token_env"]) if host["token_env"] else None) or "validator"
-        client = FlexstackClient(host["url"], token=token, http=http, timeouts=cfg.client.timeouts())
-
-        async def send(probe) -> bool:
-            async with self._semaphore:
+                while self._busy >= cfg.concurrency and not self.stopping.is_set():
+                    async with self._busy_changed:
+                        with contextlib.suppress(TimeoutError):  # a stop does not notify
+                            await asyncio.wait_for(self._busy_changed.wait(), 1.0)
                 if self.stopping.is_set():
-                    return False
-                self.progress.sent += 1
-                record = await client.complete(probe.messages, probe.wire_settings,
-                                               model=host["model"], stream=probe.stream)
-            # Committed before anything else looks at it: a crash after this loses nothing.
-            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
-                self.progress.answered += record.ok
-            return record.ok
+                    break
+                # A claim returns the hosts this validator already holds in the round too
+                # (restart recovery): ask for that many more, and start only new ones.
+                held = sum(not (t.done() and not t.cancelled() and t.exception() is None and t.result())
+                           for t in tasks.values())
+                hosts = await asyncio.to_thread(self.store.claim_host_rounds, round_no, self.owner,
+                                                cfg.claim_batch + held, cfg.lease_s)
+                new = [h for h in hosts if h not in tasks]
+                if not new:
+                    break
+                await self._add_busy(len(new) * cfg.probes_per_host)
+                tasks.update((h, asyncio.ensure_future(self._probe_host(round_no, h, http, started)))
+                             for h in new)
+            await asyncio.gather(*tasks.values())
+        self.progress.rounds += 1
+        took = time.monotonic() - t0
+        self.on_event(f"round {round_no}: {len(tasks)} hosts probed in {took:.0f} s")
+        return len(tasks)
 
-        answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending))
+    async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient,
+                          started: float) -> bool:
+        """Send the host's pending probes of the round, each at its time; True when the
+        host's round is finished (False: stopped, or the lease went to another)."""
+        cfg = self.config
+        held = cfg.rounds.probes_per_host  # busy count this host holds (reserved when claimed)
+
+        async def adjust(n: int) -> None:
+            nonlocal held
+            held += n
+            await self._add_busy(n)
+
+        try:
+            host = await asyncio.to_thread(self.store.get_host, name)
+            probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
+                                   cfg.rounds.probes_per_host)
+            await asyncio.to_thread(self.store.ensure_probes, round_no, name,
+                                    [p.as_dict() for p in probes])
+            pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
+            window, now = self.window_s, time.time()
+            due = [started + o for o in arrival_offsets(self.secret, round_no, name, len(probes), window)]
+            due = catch_up(due, now, window / len(probes), random.Random())
+            todo = [(p, at, at <= now) for p, at in zip(probes, due) if p.id in pending]
+            # Probes that wait for a later time are not busy until their time comes.
+            await adjust(sum(now_due for *_, now_due in todo) - held)
+            token = os.environ.get(host["token_env"]) if host["token_env"] else None
+            client = FlexstackClient(host["url"], token=token, http=http,
+                                     timeouts=cfg.client.timeouts(), wire=self.wire)
+            lease = _Lease(self, name, round_no)
+
+            async def send(probe, at: float, counted: bool) -> bool:
+                if not counted:
+                    await self._sleep(at - time.time())
+                    if self.stopping.is_set():
+                        return False
+                    await adjust(1)
+                try:
+                    if not await lease.hold():
+                        return False  # not sent: another validator holds the round now
+                    async with self._semaphore:
+                        if self.stopping.is_set():
+                            return False
+                        self.progress.sent += 1
+                        record = await client.complete(probe.messages, probe.wire_settings,
+                                                       model=host["model"], stream=probe.stream)
+                    # Committed before anything else looks at it: a crash after this loses nothing.
+                    if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
+                        self.progress.answered += record.ok
+                    return record.ok
+                finally:
+                    await adjust(-1)
+
+            answered = await asyncio.gather(*(send(*t) for t in todo))
+        finally:
+            if held:
+                await self._add_busy(-held)
         if any(answered):
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
         await asyncio.to_thread(self.update_reputation, name)
-        if not self.stopping.is_set():
-            await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+        if self.stopping.is_set() or not lease.held:
+            return False
+        return await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -214,26 +288,20 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
-        rounds, scoring = self.config.rounds, self.config.scoring
+        scoring = self.config.scoring
         scheduler = AsyncIOScheduler(
             jobstores={"default": MemoryJobStore()}, executors={"default": AsyncIOExecutor()},
             job_defaults={"coalesce": True, "max_instances": 1,
-                          "misfire_grace_time": int(max(1, rounds.interval_s))})
-        done_rounds = 0
+                          "misfire_grace_time": int(max(1, scoring.interval_s))})
         rounds_done = asyncio.Event()
 
-        async def round_job() -> None:
-            nonlocal done_rounds
-            await self._tracked(self.probe_round(None if first_round is None else first_round + done_rounds))
-            done_rounds += 1
-            if max_rounds is not None and done_rounds >= max_rounds:
-                rounds_done.set()
+        async def round_loop() -> None:
+            await self._round_loop(max_rounds, first_round)
+            rounds_done.set()
 
         async def score_job() -> None:
             await self._tracked(self.score_pending())
 
-        scheduler.add_job(round_job, IntervalTrigger(seconds=rounds.interval_s, jitter=rounds.jitter_s or None),
-                          id="round", next_run_time=_now())
         scheduler.add_job(score_job, IntervalTrigger(seconds=scoring.interval_s), id="score",
                           misfire_grace_time=int(max(1, scoring.interval_s)), next_run_time=_now())
         scheduler.add_job(self.heartbeat, IntervalTrigger(seconds=HEARTBEAT_S), id="heartbeat",
@@ -243,6 +311,7 @@ class Daemon:
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         scheduler.start()
         self.on_event(f"validator {self.owner} running; database {self.config.database_url}")
+        looping = asyncio.ensure_future(round_loop())
         try:
             stop_wait = asyncio.ensure_future(self.stopping.wait())
             rounds_wait = asyncio.ensure_future(rounds_done.wait())
@@ -250,15 +319,38 @@ class Daemon:
             for waiter in (stop_wait, rounds_wait):
                 waiter.cancel()
             if rounds_done.is_set() and not self.stopping.is_set():
-                scheduler.remove_job("round")  # the last round is in: score what is left, then stop
-                await self.drain()
+                await self.drain()  # the last round is in: score what is left, then stop
                 await self._tracked(self.score_pending())
                 self.stopping.set()
         finally:
             scheduler.shutdown(wait=False)
             await self.drain()
+            await asyncio.gather(looping, return_exceptions=True)
             await self.heartbeat(stopped=True)
         return self.progress
+
+    async def _round_loop(self, max_rounds: int | None, first_round: int | None) -> None:
+        """Start rounds until stopped (or `max_rounds` have started), then wait for them.
+        By the clock, each round starts at its keyed start and may overlap the previous
+        one's last probes; numbered from `first_round`, rounds run back to back, each
+        timed from when it starts."""
+        interval = self.config.rounds.interval_s
+        running: list[asyncio.Future] = []
+        count = 0
+        while not self.stopping.is_set() and (max_rounds is None or count < max_rounds):
+            count += 1
+            more = max_rounds is None or count < max_rounds
+            if first_round is None:
+                round_no = self.round_number()
+                running.append(asyncio.ensure_future(self._tracked(self.probe_round(round_no))))
+                if more:
+                    await self._sleep(self.round_start(round_no + 1) - time.time())
+            else:
+                t0 = time.time()
+                await self._tracked(self.probe_round(first_round + count - 1, started=t0))
+                if more:
+                    await self._sleep(t0 + interval - time.time())
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def heartbeat(self, stopped: bool = False) -> None:
         await asyncio.to_thread(self.store.heartbeat, self.owner, socket.gethostname(), os.getpid(),
@@ -280,6 +372,26 @@ class Daemon:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
+
+
+class _Lease:
+    """A host's round lease, renewed while its probes wait for their times (a round may
+    last longer than the lease); lost, it stops the host's remaining probes."""
+
+    def __init__(self, daemon: "Daemon", host: str, round_no: int):
+        self.daemon, self.host, self.round_no = daemon, host, round_no
+        self.renewed = time.monotonic()
+        self.held = True
+        self._lock = asyncio.Lock()
+
+    async def hold(self) -> bool:
+        ttl = self.daemon.config.rounds.lease_s
+        async with self._lock:
+            if self.held and time.monotonic() - self.renewed > ttl / 3:
+                self.held = await asyncio.to_thread(self.daemon.store.renew_lease, self.host,
+                                                    self.round_no, self.daemon.owner, ttl)
+                self.renewed = time.monotonic()
+            return self.held
 
 
 def _now():
