@@ -129,8 +129,9 @@ def answer(r: dict) -> dict:
 
 
 def history(store: Store, name: str, *, limit: int = PAGE, offset: int = 0, verdict: str | None = None,
-            failed: bool | None = None) -> dict:
-    total, rows = store.host_history(name, limit=limit, offset=offset, verdict=verdict, failed=failed)
+            failed: bool | None = None, before: datetime | None = None) -> dict:
+    total, rows = store.host_history(name, limit=limit, offset=offset, verdict=verdict, failed=failed,
+                                     before=before)
     return page([answer(r) for r in rows], total, limit, offset)
 
 
