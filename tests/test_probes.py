@@ -82,7 +82,7 @@ def test_a_bad_bank_is_an_error_that_says_where(tmp_path, rows, message):
 def test_import_dedups_checks_roles_and_lengths_and_reports(tmp_path):
     long = "x" * 9000
     rows = [{"messages": MSGS, "configs": {"temperature": 0.7}},
-            {"messages": MSGS},  # duplicate
+            {"messages": MSGS, "configs": {"top_k": 0}},  # duplicate; settings outside the ranges
             {"messages": [{"role": "user", "content": "Plan a picnic for six."}]},
             {"messages": [{"role": "wizard", "content": "hi"}]},
             {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
@@ -98,15 +98,20 @@ def test_import_dedups_checks_roles_and_lengths_and_reports(tmp_path):
                               "longer than 8000 characters": 1, "system message not first": 1,
                               "no messages list": 1, "not JSON": 1}
     assert report.first_line["duplicate"] == 2
+    assert report.settings == {Settings(0.7, 50, 0.5, 512): 1}  # the settings users sent, counted
 
     out = tmp_path / "private" / "bank.jsonl"
     result = runner.invoke(cli, ["probes", "import", str(src), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["kept"] == 2
     assert [p.messages for p in load_bank(out)] == [p.messages for p in prompts]  # a bank the daemon reads
-    as_yaml = tmp_path / "bank.yaml"
-    assert runner.invoke(cli, ["probes", "import", str(src), "--out", str(as_yaml)]).exit_code == 0
+    as_yaml, mix = tmp_path / "bank.yaml", tmp_path / "mix.yaml"
+    assert runner.invoke(cli, ["probes", "import", str(src), "--out", str(as_yaml),
+                               "--mix-out", str(mix)]).exit_code == 0
     assert [p.id for p in load_bank(as_yaml)] == [p.id for p in prompts]
+    assert load_probe_mix("imported", mix) == [(1.0, Settings(0.7, 50, 0.5, 512))]
+    cfg = ValidatorConfig.model_validate({"settings_file": str(mix), "settings_mix": "imported"})
+    assert cfg.probe_mix() == load_probe_mix("imported", mix)  # what the daemon draws from
     nothing = jsonl(tmp_path / "bad.jsonl", ["[", {"messages": []}])
     failed = runner.invoke(cli, ["probes", "import", str(nothing), "--out", str(tmp_path / "none.jsonl")])
     assert failed.exit_code == 1 and not (tmp_path / "none.jsonl").exists()

@@ -404,13 +404,13 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
                 as_json: bool = typer.Option(False, "--json")):
     """The probes a host gets in a round and when each leaves (derived from the secret:
     reproducible here, unpredictable to hosts)."""
-    from validator.probing.probes import arrival_offsets, derive_probes, load_bank, load_probe_mix, schedule_phase
+    from validator.probing.probes import arrival_offsets, derive_probes, load_bank, schedule_phase
 
     cfg = _config(config)
     try:
         secret = cfg.probe_secret()
-        probes = derive_probes(secret, round_no, host, load_bank(cfg.prompts),
-                               load_probe_mix(cfg.settings_mix), cfg.rounds.probes_per_host)
+        probes = derive_probes(secret, round_no, host, load_bank(cfg.prompts), cfg.probe_mix(),
+                               cfg.rounds.probes_per_host)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     rounds = cfg.rounds
@@ -437,16 +437,26 @@ def probes_import(requests_file: Path = typer.Argument(..., exists=True, dir_oka
                   out: Path = typer.Option(..., "--out", help="The bank to write (.jsonl, else YAML)."),
                   min_chars: int = typer.Option(1, help="Drop conversations shorter than this (characters)."),
                   max_chars: int = typer.Option(8000, help="Drop conversations longer than this (characters)."),
+                  mix_out: Optional[Path] = typer.Option(None, "--mix-out", help="Also write the settings the "
+                                                         "requests carried (`configs`) as the mix `imported` "
+                                                         "(for settings_file: and settings_mix:)."),
                   as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
     """Build a private prompt bank from exported user requests: de-duplicated, roles and
     lengths checked; prints what was kept and what was dropped, and why."""
     from validator.models.registry import REPO_ROOT
-    from validator.probing.probes import import_requests, write_bank
+    from validator.probing.probes import import_requests, write_bank, write_mix
 
     with requests_file.open(encoding="utf-8", errors="replace") as fh:
         prompts, report = import_requests(fh, min_chars=min_chars, max_chars=max_chars)
     if prompts:
         write_bank(prompts, out)
+    if mix_out and prompts:
+        try:
+            entries = write_mix(report.settings, mix_out)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--mix-out") from None
+        err.print(f"settings mix `imported` ({entries} settings, {sum(report.settings.values())} requests) "
+                  f"written to {mix_out}", highlight=False)
     if as_json:
         print(json.dumps({**report.as_dict(), "out": str(out) if prompts else None}, indent=2))
     else:

@@ -48,8 +48,7 @@ from sqlalchemy.exc import IntegrityError
 
 from validator.probing.client import FlexstackClient
 from validator.service.config import ValidatorConfig
-from validator.probing.probes import (arrival_offsets, catch_up, derive_probes, load_bank,
-                                      load_probe_mix, schedule_phase)
+from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
 from validator.models.registry import Registry
 from validator.reputation import Outcome, ReputationConfig, Transition, assess
 from validator.store import Store, upgrade
@@ -80,7 +79,7 @@ class Daemon:
         self.registry = registry or Registry.load(config.models)
         self.models = models if models is not None else {}  # name -> ReferenceModel, loaded once
         self.bank = load_bank(config.prompts)
-        self.mix = load_probe_mix(config.settings_mix)
+        self.mix = config.probe_mix()
         self.phase = schedule_phase(self.secret, config.rounds.interval_s)
         self.wire = config.client.wire()
         self.reputation = ReputationConfig.from_dict(config.reputation)

@@ -167,6 +167,7 @@ class ImportReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     first_line: dict[str, int] = field(default_factory=dict)
+    settings: Counter = field(default_factory=Counter)  # Settings -> requests that sent them
 
     def drop(self, reason: str, line: int) -> None:
         self.dropped[reason] += 1
@@ -174,7 +175,7 @@ class ImportReport:
 
     def as_dict(self) -> dict:
         return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped.most_common()),
-                "first_line": self.first_line}
+                "first_line": self.first_line, "settings_seen": sum(self.settings.values())}
 
 
 def import_requests(lines: Iterable[str], *, min_chars: int = 1, max_chars: int = 8000,
@@ -182,7 +183,9 @@ def import_requests(lines: Iterable[str], *, min_chars: int = 1, max_chars: int 
     """A bank from recorded user requests: one JSON object a line with the request's
     `messages` (other keys, such as `configs`, are ignored). Lines that are not a request
     a user could send, that are too short or too long (characters over all messages), or
-    that repeat an earlier conversation are dropped and counted by reason."""
+    that repeat an earlier conversation are dropped and counted by reason. The settings
+    of every well-formed request with `configs` within the documented ranges are counted
+    (`report.settings`, for `write_mix`)."""
     report = ImportReport()
     kept: list[Prompt] = []
     seen: set[str] = set()
@@ -196,6 +199,13 @@ def import_requests(lines: Iterable[str], *, min_chars: int = 1, max_chars: int 
             report.drop("not JSON", n)
             continue
         messages = obj.get("messages") if isinstance(obj, dict) else None
+        if isinstance(obj, dict) and isinstance(obj.get("configs"), dict):
+            try:
+                settings = Settings.from_configs({k: v for k, v in obj["configs"].items() if k != "seed"})
+                if not outside_documented(settings):
+                    report.settings[settings] += 1
+            except ValueError:
+                pass
         problem = message_problem(messages)
         if problem:
             report.drop(problem.split(" (")[0] if problem.startswith("bad message") else
@@ -235,6 +245,21 @@ def write_bank(prompts: Sequence[Prompt], path: str | Path) -> None:
                 {"id": p.id, "kind": p.kind, "messages": p.messages} for p in prompts]},
                 fh, allow_unicode=True, sort_keys=False, width=100)
     tmp.replace(path)
+
+
+def write_mix(settings: Counter, path: str | Path, name: str = "imported", most: int = 50) -> int:
+    """A settings file with one mix, `name`: the `most` most common settings users sent,
+    weighted by how often (what `settings_file:` and `settings_mix:` can name). Returns
+    the entries written."""
+    entries = [{"weight": n, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                "max_tokens": s.max_tokens} for s, n in settings.most_common(most)]
+    if not entries:
+        raise ValueError("no request carried settings within the documented ranges")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Settings users sent (validator probes import --mix-out).\n"
+                    + yaml.safe_dump({"mixes": {name: entries}}, sort_keys=False))
+    return len(entries)
 
 
 def shipped_in_repository(bank: Sequence[Prompt], secret: str) -> list[str]:

@@ -113,6 +113,7 @@ class ValidatorConfig(_Strict):
     secret_env: str = "VALIDATOR_SECRET"
     prompts: str | list[str] = "configs/prompts/general.yaml"  # bank files or directories
     settings_mix: str = "default"
+    settings_file: str | None = None  # holds the mixes; default configs/settings.yaml
     models: str | None = None  # model registry file
     rounds: RoundsConfig = RoundsConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -141,6 +142,12 @@ class ValidatorConfig(_Strict):
 
     def instance_name(self) -> str:
         return self.instance or f"{socket.gethostname()}-{os.getpid()}"
+
+    def probe_mix(self):
+        """The settings mix probes are drawn from (only settings a user can send)."""
+        from validator.probing.probes import SETTINGS_FILE, load_probe_mix
+
+        return load_probe_mix(self.settings_mix, self.settings_file or SETTINGS_FILE)
 
     def probe_secret(self) -> str:
         secret = self.secret or os.environ.get(self.secret_env)
