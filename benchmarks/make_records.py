@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -31,9 +32,10 @@ DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-ot
 
 
 def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40,
-                 mix: str = "calibration") -> list[dict]:
+                 mix: str = "calibration", max_tokens: int | None = None) -> list[dict]:
     bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
-    probes = greedy_and_sampled(bank, load_mix(mix), seed=2026)
+    settings = [(w, replace(s, max_tokens=min(s.max_tokens, max_tokens or s.max_tokens))) for w, s in load_mix(mix)]
+    probes = greedy_and_sampled(bank, settings, seed=2026)
     factory = HostFactory(Registry.load(), model)
     records = []
     for host in hosts:
@@ -49,8 +51,10 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
     ap.add_argument("--hosts", default=DEFAULT_HOSTS)
     ap.add_argument("--mix", default="calibration", help="settings mix (configs/settings.yaml)")
+    ap.add_argument("--max-tokens", type=int, help="cap every setting's max_tokens")
     args = ap.parse_args()
-    records = make_records(args.prompts, args.hosts.split(","), first=args.first, mix=args.mix)
+    records = make_records(args.prompts, args.hosts.split(","), first=args.first, mix=args.mix,
+                           max_tokens=args.max_tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for r in records:

@@ -14,8 +14,8 @@ order, body. A host's view of each request becomes features in groups:
               message, body bytes
   timing      arrival times in the host's merged stream: gaps to the previous and the next
               request (log), requests within 2 s, phase within a public 15-minute clock
-  repository  whether any message's content is, exactly, a string of this repository
-              (its YAML/JSON string values and its raw text files)
+  repository  whether any user message's content is, exactly, a string of this
+              repository (its YAML/JSON string values and its raw text files)
   account     (not in the issue's list) how often the request's bearer token appears
               in the host's traffic: every probe to a host carries the operator's one token
 
@@ -29,6 +29,9 @@ Scenarios:
   private     the default configuration with a private bank: the user-request corpus
               is split in two, one half imported as the probe bank
               (validator.probing.probes.import_requests), the other half are the users
+  private-imported-mix
+              the same, with the settings mix taken from the imported half's own
+              `configs` (`validator probes import --mix-out`) instead of the default mix
   repository  the same, but probes come from configs/prompts/general.yaml (what a
               validator left at the shipped bank sends)
   legacy      an emulation of the validator before this change: the shipped bank, the
@@ -71,7 +74,7 @@ import yaml  # noqa: E402
 from validator.models.sampling import Settings  # noqa: E402
 from validator.probing.client import FlexstackClient, Timeouts, Wire  # noqa: E402
 from validator.probing.probes import (Prompt, arrival_offsets, derive_probes, import_requests,  # noqa: E402
-                                      load_bank, load_mix, load_probe_mix, schedule_phase)
+                                      load_bank, load_mix, load_probe_mix, schedule_phase, write_mix)
 
 RESULTS = ROOT / "benchmarks" / "results"
 INTERVAL_S = 900.0  # configs/validator.yaml
@@ -276,11 +279,11 @@ HTTPX_HEADERS = (("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate"), ("Conn
                  ("User-Agent", "python-httpx/0.28.1"))
 
 
-async def send_probes(url: str, scenario: str, bank: list[Prompt], rounds: int) -> None:
+async def send_probes(url: str, scenario: str, bank: list[Prompt], mix, rounds: int) -> None:
     if scenario == "legacy":
-        mix, wire, token = load_mix("calibration"), Wire(HTTPX_HEADERS, ("max_tokens", "max_new_tokens")), "validator"
+        wire, token = Wire(HTTPX_HEADERS, ("max_tokens", "max_new_tokens")), "validator"
     else:
-        mix, wire, token = load_probe_mix("default"), Wire(), "eyJ" + "operator-account-token"[:40]
+        wire, token = Wire(), "eyJ" + "operator-account-token"[:40]
     async with FlexstackClient(url, token=token, wire=wire, timeouts=Timeouts(retries=0)) as client:
         for r in range(rounds):
             probes = derive_probes("stealth-bench-secret", r, "host-1", bank, mix, PROBES_PER_ROUND)
@@ -362,7 +365,9 @@ def features(req: dict, at: float, times: np.ndarray, token_share: dict[str, flo
     near = int(np.searchsorted(times, at + 2.0) - np.searchsorted(times, at - 2.0)) - 1
     phase = 2 * math.pi * (at % PUBLIC_CLOCK_S) / PUBLIC_CLOCK_S
     strings, raw = repo
-    in_repo = any(m["content"].strip() in strings or m["content"] in raw for m in messages)
+    # The user's own turns: system prompts such as "You are a helpful assistant." are
+    # boilerplate that real users and this repository share alike.
+    in_repo = any(m["content"].strip() in strings or m["content"] in raw for m in messages if m["role"] == "user")
     one_hot = lambda prefix, value: {f"{prefix}={value}": 1.0}  # noqa: E731
     return {
         "fields": {**one_hot("body", ",".join(body)), **one_hot("configs", ",".join(configs)),
@@ -398,19 +403,26 @@ def auc(rows: list[dict[str, float]], labels: list[int], folds: int = 5) -> floa
 
 # ------------------------------------------------------------------------ a scenario
 
-def scenario(name: str, corpus: list[str], rounds: int, repo, seed: int) -> dict:
+def scenario(name: str, corpus: list[str], rounds: int, repo, seed: int, tmp: Path) -> dict:
     rng = random.Random(seed)
     lines = corpus[:]
     rng.shuffle(lines)
     half = len(lines) // 2
     users_bank, _ = import_requests(lines[half:])
-    if name == "private":
-        bank, report = import_requests(lines[:half])
+    mix = load_mix("calibration") if name == "legacy" else load_probe_mix("default")
+    if name.startswith("private"):
+        # The exported requests carry their settings; the probe half's become the mix
+        # (`validator probes import --mix-out`) in the private-imported-mix scenario.
+        exported = [json.dumps({**json.loads(line), "configs": user_settings(rng).as_configs()}) for line in lines[:half]]
+        bank, report = import_requests(exported)
+        if name == "private-imported-mix":
+            write_mix(report.settings, tmp / "mix.yaml")
+            mix = load_probe_mix("imported", tmp / "mix.yaml")
     else:
         bank = load_bank(ROOT / "configs" / "prompts" / "general.yaml")
     n_probes = rounds * PROBES_PER_ROUND
     with Capture() as host:
-        asyncio.run(send_probes(host.url, name, bank, rounds))
+        asyncio.run(send_probes(host.url, name, bank, mix, rounds))
         probe_reqs = list(host.requests)
         send_users(host.url, users_bank, n_probes, rng)
         user_reqs = host.requests[len(probe_reqs):]
@@ -464,8 +476,11 @@ def main() -> None:
                              "accounts": "200 bearer tokens, Zipf activity",
                              "client": "requests.post as the flexstack package calls it"},
               "scenarios": {}}
-    for i, name in enumerate(("private", "repository", "legacy")):
-        result["scenarios"][name] = scenario(name, corpus, rounds, repo, seed=100 + i)
+    import tempfile
+
+    for i, name in enumerate(("private", "private-imported-mix", "repository", "legacy")):
+        with tempfile.TemporaryDirectory() as tmp:
+            result["scenarios"][name] = scenario(name, corpus, rounds, repo, seed=100 + i, tmp=Path(tmp))
         print(name, json.dumps(result["scenarios"][name]["auc"]), file=sys.stderr)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     out = args.out or RESULTS / ("probe_stealth.quick.json" if args.quick else "probe_stealth.json")
