@@ -116,3 +116,37 @@ def fresh_postgres_database():
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_db():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with fresh_postgres_database() as name:
+        yield name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """An empty database of each backend."""
+    import psycopg
+
+    from validator.store import Store
+
+    if request.param == "sqlite":
+        return Store.default_url(tmp_path / "state" / "validator.db")
+    db = request.getfixturevalue("pg_db")
+    with psycopg.connect(PG_ADMIN.format(db=db), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    return PG_URL.format(db=db)
+
+
+@pytest.fixture
+def store(url):
+    """A migrated, empty store of each backend."""
+    from validator.store import Store, upgrade
+
+    upgrade(url)
+    s = Store(url)
+    yield s
+    s.close()

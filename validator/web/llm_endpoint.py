@@ -32,7 +32,10 @@ from validator.reputation import components as reputation_components
 from validator.models.sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
 from validator.web.api import unprocessable
 from validator.web.auth import Principal, llm_caller
-from validator.web.data import finite
+from validator.scoring.batch import AnswerRecord
+from validator.service.audit import audit_records
+from validator.service.operations import ratings
+from validator.service.reads import finite
 
 router = APIRouter()
 HARD_MAX_PAIRS = 10_000  # schema ceilings; the configured caps (serve.llm) are lower
@@ -194,17 +197,16 @@ def score_pairs(req: LlmRequest, ctx) -> dict:
     weights = cfg.weights.model_dump()
     prompts, responses = req.pair_prompts, req.pair_responses
     host = req.host or "request"
-    records = [{"id": i, "host": host, "model": model, "messages": [{"role": "user", "content": p}],
-                "configs": settings.as_configs(), "response": r}
+    scorer = ctx.service.scorer
+    records = [AnswerRecord(i, host, model, [{"role": "user", "content": p}], settings, r)
                for i, (p, r) in enumerate(zip(prompts, responses))]
-    outputs, hosts = ctx.scorer.audit(records, rerun=cfg.rerun)
+    outputs, hosts = audit_records(records, scorer, rerun=cfg.rerun)
     reruns = [(o.get("metrics") or {}).get("rerun") for o in outputs]
-    cosine = _cosines(ctx.scorer, responses, req.ground_truths or [None] * len(responses))
-    ref_sim = _cosines(ctx.scorer, responses, reruns)
+    cosine = _cosines(scorer, responses, req.ground_truths or [None] * len(responses))
+    ref_sim = _cosines(scorer, responses, reruns)
     feedback = None
     if req.host is not None:
-        ratings = [f["rating"] for f in reversed(ctx.store.feedback_for(req.host))]
-        feedback = reputation_components([], ratings, ctx.reputation).get("feedback")
+        feedback = reputation_components([], ratings(ctx.store, req.host), ctx.service.reputation).get("feedback")
 
     results = []
     for i, out in enumerate(outputs):
