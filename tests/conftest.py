@@ -25,8 +25,8 @@ from .answers import load_or_generate  # noqa: E402
 MODEL = "smollm2-135m"
 HONEST_PROMPTS = 38  # x (greedy + sampled) x 4 honest hosts = 304 honest answers
 CHEAT_ANSWERS = 20  # every cheat must be caught within this many answers
-# Cheats that need a model to answer get fewer: each was caught within 2 (README,
-# detection table), and generating answers is most of the test run's time. Truncated
+# Cheats that need a model to answer get fewer: each was caught within 2 (see
+# benchmarks/README.md), and generating answers is most of the test run's time. Truncated
 # and replayed answers come free from the honest ones and keep all 20.
 GENERATED_CHEAT_ANSWERS = 12
 

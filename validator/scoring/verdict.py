@@ -1,6 +1,6 @@
 """From an aligned answer to metrics, a p-value and a verdict.
 
-Evidence per answer (README "Scoring" explains each, and its limits):
+Evidence per answer (docs/methodology.md explains each; README "Known limits" its limits):
 - greedy settings: per-token gap between the reference's best log-prob and the host
   token's; a gap over the calibrated tolerance is a violation, honest engines produce
   them at a calibrated rate, so k violations in n tokens has a binomial p-value;

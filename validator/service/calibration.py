@@ -6,7 +6,7 @@ an API might). Each is aligned and scored, and we record how far honest tokens f
 - greedy tokens: gap below the reference's best;
 - sampled tokens: distance below the edge of the top-k/top-p support;
 - early stops: end of sequence below the best (greedy) or below the support edge.
-Rule (documented in the README): a tolerance is SAFETY times the largest honest value
+Rule (docs/methodology.md): a tolerance is SAFETY times the largest honest value
 seen, never below a floor; the honest violation rate at that tolerance is bounded by
 the rule of three, 3 / (number of honest observations), since none were seen.
 """

@@ -145,7 +145,7 @@ class ProbeDetail(BaseModel):
     stream: bool
     created_at: datetime
     answer: AnswerText | None = Field(description="None: not sent yet.")
-    metrics: dict[str, Any] = Field(description="The scorer's metrics (README, 'Metrics'), without the three below.")
+    metrics: dict[str, Any] = Field(description="The scorer's metrics (docs/methodology.md, 'Metrics'), without the three below.")
     tokens: list[Token] | None = Field(description="The answer aligned to the reference's tokens, each with its gap.")
     rerun: str | None = Field(description="The reference's own fixed-seed answer to the probe.")
     similarity: dict[str, Any] | None = Field(description="The answer against the re-run (reported, never decisive).")

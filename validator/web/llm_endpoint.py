@@ -1,4 +1,4 @@
-"""POST /validator/v1/llm: the network's validator API (shared/reference/flexstack.md).
+"""POST /validator/v1/llm: the network's validator API (docs/flexstack-api.md).
 
 Each (prompt, response) pair is scored on components, each in [0, 1]:
 
