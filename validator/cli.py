@@ -35,7 +35,7 @@ def audit(
     records: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of recorded answers."),
     out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL)."),
     hosts_out: Optional[Path] = typer.Option(None, "--hosts-out", help="Write per-host verdicts here (JSON)."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default configs/models.yaml)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default: the shipped configs/models.yaml)."),
     alpha: float = typer.Option(1e-4, help="Host false-alarm level: dishonest when the combined p-value is below."),
     no_rerun: bool = typer.Option(False, "--no-rerun", help="Skip the reference re-run (no similarity metrics)."),
 ):
@@ -146,7 +146,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(probes_app, name="probes")
 
-CONFIG = typer.Option(None, "--config", "-c", help="Validator config (default configs/validator.yaml).")
+CONFIG = typer.Option(None, "--config", "-c", help="Validator config (default: the shipped example configs/validator.yaml).")
 DB = typer.Option(None, "--db", help="Database file or SQLAlchemy URL (default: the config's).")
 STATE_COLOURS = {"new": "cyan", "trusted": "green", "probation": "yellow", "flagged": "red",
                  "disabled": "dim"}
@@ -516,12 +516,11 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
 
     from validator.service.config import HostEntry, ValidatorConfig
     from validator.daemon import Daemon
-    from validator.models.registry import REPO_ROOT
+    from validator.configs import resolve
     from validator.network.simulator import NetworkConfig, SimulatedNetwork
     from validator.store import Store
 
-    path = config if config.exists() or config.is_absolute() else REPO_ROOT / config
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(resolve(config).read_text())
     network = NetworkConfig.load(raw["network"])
     n_rounds = rounds or int(raw.get("rounds", 3))
     db = Path(raw.get("database", "demo.db")).expanduser().resolve()

@@ -1,4 +1,4 @@
-"""The validator's own configuration (configs/validator.yaml), checked by pydantic so a
+"""The validator's own configuration (a YAML file; validator/configs/validator.yaml ships as an example), checked by pydantic so a
 typo is an error at start, not a silent default months later."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from validator.probing.client import Timeouts
-from validator.models.registry import REPO_ROOT
+from validator.configs import resolve, shipped
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "validator.yaml"
+DEFAULT_CONFIG = shipped("validator.yaml")
 
 
 class _Strict(BaseModel):
@@ -106,7 +106,7 @@ class ValidatorConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "ValidatorConfig":
-        path = Path(path or DEFAULT_CONFIG)
+        path = resolve(path or DEFAULT_CONFIG)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
             config = cls.model_validate(raw)
