@@ -674,6 +674,14 @@ class SimulatedNetwork:
         return {"access_token": access, "refresh_token": refresh, "expires_in": ttl,
                 "token_type": "bearer", "credits": 1000.0}
 
+    def revoke(self, password: str | None = None) -> None:
+        """The network revokes every token it issued (and, given `password`, changes the
+        account's password, so logging in again fails too)."""
+        self._tokens.clear()
+        self._refresh.clear()
+        if password is not None and self.config.credentials is not None:
+            self.config.credentials.password = password
+
     def _bearer_ok(self, request: Request) -> bool:
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
