@@ -8,12 +8,13 @@ by pydantic, so a typo in a key is an error at start, not a silent default month
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import EnvSettingsSource
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -68,20 +69,13 @@ class ClientConfig(_Strict):
                         max_bytes=self.max_bytes, retries=self.retries)
 
 
-class LlmWeights(_Strict):
-    """Weights of the /validator/v1/llm components (a pair's score is the weighted mean of
-    the components it has; the network's methodology weighs cosine similarity, an LLM
-    judge and human feedback equally)."""
-    cosine: float = Field(0.25, ge=0)  # response vs ground truth, sentence embeddings
-    judge: float = Field(0.25, ge=0)  # the reference model's p-value for the response
-    feedback: float = Field(0.25, ge=0)  # stored human ratings of the named host
-    reference_similarity: float = Field(0.0, ge=0)  # response vs the reference's own answer (reported)
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> "LlmWeights":
-        if not any(self.model_dump().values()):
-            raise ValueError("the llm weights must not all be 0")
-        return self
+# Weights of the /validator/v1/llm components (validator.web.llm_endpoint): a pair's score
+# is the weighted mean of the components it has. The network's methodology weighs cosine
+# similarity, an LLM judge and human feedback equally; fidelity is the reference model's
+# evidence that the response is the claimed model's. A plug-in component gets weight 0
+# until the config names it.
+DEFAULT_LLM_WEIGHTS = {"cosine": 0.25, "judge": 0.25, "feedback": 0.25, "fidelity": 0.25,
+                       "reference_similarity": 0.0}
 
 
 class LlmEndpointConfig(_Strict):
@@ -91,7 +85,20 @@ class LlmEndpointConfig(_Strict):
     max_pairs: int = Field(64, ge=1)  # pairs per request
     max_chars: int = Field(20_000, ge=1)  # per prompt, response or ground truth
     max_tokens: int = Field(1024, ge=1)  # largest configs.max_tokens accepted (bounds the re-run)
-    weights: LlmWeights = LlmWeights()
+    judge_model: str | None = None  # registry name of the `judge` component's model (default: the reference)
+    # Component name -> weight; names not given keep their defaults (DEFAULT_LLM_WEIGHTS).
+    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LLM_WEIGHTS))
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, given: dict[str, float]) -> dict[str, float]:
+        weights = {**DEFAULT_LLM_WEIGHTS, **given}
+        bad = [k for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0: {', '.join(bad)}")
+        if not any(weights.values()):
+            raise ValueError("the llm weights must not all be 0")
+        return weights
 
 
 class ServeConfig(_Strict):
