@@ -86,7 +86,7 @@ def main() -> None:
         results[name] = {**summary([g.score for g in grades], rows, [g.mass for g in grades]),
                          "seconds": round(time.perf_counter() - t, 1)}
     if not args.no_cosine:
-        from validator.web.scorer import Scorer
+        from validator.service.scorer import Scorer
 
         emb = Scorer(Registry.load()).embed([r["answer"] for r in rows] + [r["ground_truth"] for r in rows])
         cos = np.clip(np.sum(emb[: len(rows)] * emb[len(rows):], axis=1), 0, 1).tolist()

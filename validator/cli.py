@@ -45,42 +45,54 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what h
 @app.command()
 def audit(
     records: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of recorded answers."),
-    out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL), "
+                             "each as soon as it is scored."),
     hosts_out: Optional[Path] = typer.Option(None, "--hosts-out", help="Write per-host verdicts here (JSON)."),
     models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default: the shipped configs/models.yaml)."),
     alpha: float = typer.Option(1e-4, help="Host false-alarm level: dishonest when the combined p-value is below."),
     no_rerun: bool = typer.Option(False, "--no-rerun", help="Skip the reference re-run (no similarity metrics)."),
 ):
-    """Score recorded answers against the reference model of the model each claims."""
-    from validator.scoring.batch import run_audit
-    from validator.reputation import HostRule
-    from validator.models.registry import Registry
+    """Score recorded answers against the reference model of the model each claims.
 
-    registry = Registry.load(models)
+    Exit status: 0 every line scored; 1 some lines are `error` lines (malformed, or not
+    scorable here; each says why); 2 bad arguments; 130 interrupted (the lines scored
+    so far are in --out)."""
+    from validator.models.registry import Registry
+    from validator.reputation import HostRule
+    from validator.service.audit import HostTally, audit_lines
+    from validator.service.scorer import Scorer
+
+    if not (0.0 < alpha < 1.0):
+        raise typer.BadParameter("alpha must be between 0 and 1", param_hint="--alpha")
+    scorer = Scorer(Registry.load(models))
     started = time.perf_counter()
-    errors = 0
+    tally, errors, written = HostTally(HostRule(alpha=alpha)), 0, 0
 
     def on_error(message: str) -> None:
-        nonlocal errors
-        errors += 1
         err.print(f"[yellow]warning[/yellow] {message}", highlight=False)
 
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=not err.is_terminal, transient=True) as bar:
-        task = bar.add_task("scoring", total=None)
-        with records.open(encoding="utf-8", errors="replace") as fh:
-            lines, hosts = run_audit(fh, registry, host_rule=HostRule(alpha=alpha), rerun=not no_rerun,
-                                     on_error=on_error,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as fh:
-        for line in lines:
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    interrupted = False
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=not err.is_terminal, transient=True) as bar, \
+            records.open(encoding="utf-8", errors="replace") as fh, out.open("w") as sink:
+        task = bar.add_task("scoring", total=None)
+        try:
+            for line in audit_lines(fh, scorer, rerun=not no_rerun, on_error=on_error,
+                                    progress=lambda done: bar.update(task, completed=done)):
+                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+                sink.flush()
+                written += 1
+                errors += line["verdict"] == "error"
+                tally.add(line)
+        except KeyboardInterrupt:
+            interrupted = True
+    hosts = tally.hosts()
     if hosts_out:
         hosts_out.parent.mkdir(parents=True, exist_ok=True)
         hosts_out.write_text(json.dumps(hosts, indent=2) + "\n")
 
-    table = Table(title=f"{len(lines) - errors} answers scored in {time.perf_counter() - started:.0f} s")
+    table = Table(title=f"{written - errors} answers scored in {time.perf_counter() - started:.0f} s")
     for col in ("host", "verdict", "records", "failed", "p-value"):
         table.add_column(col)
     colours = {"honest": "green", "dishonest": "red", "inconclusive": "yellow"}
@@ -88,8 +100,12 @@ def audit(
         table.add_row(host, f"[{colours[h['verdict']]}]{h['verdict']}[/]", str(h["records"]),
                       str(h["failed"]), f"{h['p_value']:.2g}")
     Console(stderr=not sys.stdout.isatty()).print(table) if hosts else None
+    if interrupted:
+        err.print(f"interrupted: {written} lines scored are in {out}")
+        raise typer.Exit(130)
     if errors:
-        err.print(f"{errors} bad line(s); see the 'error' lines in {out}")
+        err.print(f"{errors} line(s) could not be scored; see the 'error' lines in {out}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -195,24 +211,23 @@ def _open_store(config: Optional[Path], db: Optional[str], *, create: bool = Fal
     return Store(url)
 
 
+def _service(config: Optional[Path], db: Optional[str], *, create: bool = False):
+    """The service over the store, with the config's registry and reputation settings."""
+    from validator.models.registry import Registry
+    from validator.reputation import ReputationConfig
+    from validator.service.operations import Service
+
+    cfg = _config(config)
+    try:
+        reputation = ReputationConfig.from_dict(cfg.reputation)
+        registry = Registry.load(cfg.models)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    return Service(_open_store(config, db, create=create), registry, reputation)
+
+
 def _when(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
-
-
-def host_rows(store, include_removed: bool = False) -> list[dict]:
-    """`validator hosts list --json` objects (also what `validator demo --json` prints
-    and the REST API's /api/hosts serves)."""
-    stats = store.host_stats()
-    out = []
-    for h in store.list_hosts(include_removed=include_removed):
-        st = stats.get(h["name"], {})
-        out.append({"host": h["name"], "state": h["state"], "score": h["score"],
-                    "probes": st.get("answered", 0),  # sent and recorded, answered or not
-                    "errors": st.get("failed", 0), "scored": st.get("scored", 0),
-                    "url": h["url"], "model": h["model"],
-                    "last_seen": h["last_seen"].isoformat() if h["last_seen"] else None,
-                    "flagged_since": h["flagged_since"].isoformat() if h["flagged_since"] else None})
-    return out
 
 
 def print_hosts(rows: list[dict], reasons: dict[str, str] | None = None) -> None:
@@ -250,8 +265,9 @@ def db_upgrade(config: Optional[Path] = CONFIG, db: Optional[str] = DB):
 def hosts_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
                as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
     """Every host: state, score, probes, last seen, flagged since."""
-    store = _open_store(config, db)
-    rows = host_rows(store)
+    from validator.service.reads import host_rows
+
+    rows = host_rows(_open_store(config, db))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -292,11 +308,19 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
         history.add_row(_when(e["at"]), f"{e['state_from']} -> {e['state_to']}",
                         "-" if e["score"] is None else f"{e['score']:.2f}", e["reason"])
     console.print(history)
+    from validator.service.provenance import describe
+
     answers = Table(title=f"last {recent} answers")
-    for col in ("probe", "round", "finished", "result", "p-value", "why"):
+    for col in ("probe", "round", "finished", "result", "p-value", "scored by", "why"):
         answers.add_column(col, overflow="fold")
+    producers: list[dict | None] = []  # distinct provenances, numbered in order of appearance
     for r in store.host_scores(host, limit=recent):
         d, sc = r["dispatch"], r["score"]
+        by = "-"
+        if sc is not None:
+            if sc["provenance"] not in producers:
+                producers.append(sc["provenance"])
+            by = f"[{producers.index(sc['provenance']) + 1}]"
         if not d["ok"]:
             result, p, why = f"[red]{d['error']}[/]", "-", d["detail"][:160]
         elif sc is None:
@@ -306,8 +330,10 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
             result = f"[{colour}]{sc['verdict']}[/]"
             p = "-" if sc["p_value"] is None else f"{sc['p_value']:.2g}"
             why = "; ".join(sc["reasons"][:2])
-        answers.add_row(r["probe"]["id"], str(r["probe"]["round"]), _when(d["finished_at"]), result, p, why)
+        answers.add_row(r["probe"]["id"], str(r["probe"]["round"]), _when(d["finished_at"]), result, p, by, why)
     console.print(answers)
+    for i, body in enumerate(producers, start=1):
+        console.print(f"[{i}] {describe(body)}", highlight=False)
     feedback = store.feedback_for(host)
     if feedback:
         console.print("feedback: " + "; ".join(f"{f['rating']:g} ({f['note']})" for f in feedback[:5]))
@@ -326,10 +352,10 @@ def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry
 
     if credentials is not None and not re.match(CREDENTIALS_KEY, credentials):
         raise typer.BadParameter("letters, digits, '.', '_' and '-', at most 64", param_hint="--credentials")
-    store = _open_store(config, db, create=True)
+    service = _service(config, db, create=True)
     try:
-        store.add_host(name, url, model, token_env=credentials)  # the column holds the key
-    except ValueError as exc:
+        service.add_host(name, url, model, token_env=credentials)  # the column holds the key
+    except ValueError as exc:  # a live host has the name, or the registry has no such model
         raise typer.BadParameter(str(exc)) from None
     err.print(f"added {name} ({url}, {model})")
 
@@ -337,29 +363,26 @@ def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry
 @hosts_app.command("remove")
 def hosts_remove(name: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Stop probing a host and hide it from lists; its history stays."""
-    store = _open_store(config, db)
+    from validator.service.operations import UnknownHost
+
     try:
-        store.remove_host(name)
-    except ValueError as exc:
+        _service(config, db).remove_host(name)
+    except (UnknownHost, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     err.print(f"removed {name}")
 
 
-def _admin(name: str, verb: str, note: str, config, db) -> None:
-    from datetime import datetime, timezone
+def _admin(name: str, action: str, note: str, config, db) -> None:
+    from validator.reputation import InvalidTransition
+    from validator.service.operations import StateChanged, UnknownHost
 
-    from validator import reputation
-
-    store = _open_store(config, db)
-    h = store.get_host(name)
-    if h is None:
-        raise typer.BadParameter(f"no host named {name!r}")
     try:
-        t = getattr(reputation, verb)(h["state"], at=datetime.now(timezone.utc),
-                                      by=os.environ.get("USER", "admin"), note=note)
-    except reputation.InvalidTransition as exc:
+        t = _service(config, db).transition(name, action, by=os.environ.get("USER", "admin"), note=note)
+    except (UnknownHost, InvalidTransition) as exc:
         raise typer.BadParameter(str(exc)) from None
-    store.set_state(name, t.state_to, evidence=t.evidence, reason=t.reason)
+    except StateChanged as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(3)
     err.print(f"{name}: {t.state_from} -> {t.state_to}")
 
 
@@ -389,20 +412,16 @@ def feedback(probe_id: str, rating: float = typer.Option(..., help="1 (bad) to 5
              note: str = typer.Option("", help="What the reviewer saw."),
              config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Record a person's rating of one answer; it is folded into the host's score."""
-    from validator.daemon import refresh_reputation
-    from validator.reputation import ReputationConfig
+    from validator.service.operations import UnknownProbe
 
-    if not 1 <= rating <= 5:
-        raise typer.BadParameter("rating must be between 1 and 5", param_hint="--rating")
-    store = _open_store(config, db)
-    probe = store.probe(probe_id)
-    if probe is None:
-        raise typer.BadParameter(f"no probe {probe_id!r}")
-    store.add_feedback(probe_id, rating, note)
-    refresh_reputation(store, probe["host"], ReputationConfig.from_dict(_config(config).reputation))
-    h = store.get_host(probe["host"])
-    err.print(f"feedback stored for {probe['host']}; score now "
-              f"{'-' if h['score'] is None else format(h['score'], '.3f')}")
+    try:
+        stored = _service(config, db).add_feedback(probe_id, rating, note)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rating") from None
+    except UnknownProbe as exc:
+        raise typer.BadParameter(str(exc)) from None
+    err.print(f"feedback stored for {stored['host']}; score now "
+              f"{'-' if stored['score'] is None else format(stored['score'], '.3f')}")
 
 
 @app.command()
@@ -442,6 +461,7 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
     """The probes a host gets in a round (derived from the secret: reproducible here,
     unpredictable to hosts)."""
     from validator.probing.probes import derive_probes, load_bank, load_mix
+    from validator.scoring.batch import rerun_seed
 
     cfg = _config(config)
     try:
@@ -457,7 +477,7 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
         c = p.configs
         console.print(f"[bold]{p.id}[/] #{p.index} prompt {p.prompt_id} "
                       f"{'stream' if p.stream else 'plain'} T={c['temperature']} top_k={c['top_k']} "
-                      f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {p.seed})")
+                      f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {rerun_seed(p.messages, p.wire_settings)})")
         for m in p.messages:
             console.print(f"  [dim]{m['role']}:[/] {m['content']}", highlight=False)
 
@@ -543,25 +563,6 @@ def _validator_errors(store) -> dict:
     return out
 
 
-def host_reasons(store) -> dict[str, str]:
-    """Why each host stands where it does: its last state change, else its answers so far."""
-    from collections import Counter
-
-    out = {}
-    for h in store.list_hosts():
-        events = store.reputation_events(h["name"], limit=1)
-        if events and events[0]["reason"]:
-            out[h["name"]] = events[0]["reason"]
-            continue
-        rows = store.host_scores(h["name"])
-        errors = Counter(r["dispatch"]["error"] for r in rows if not r["dispatch"]["ok"])
-        verdicts = Counter(r["score"]["verdict"] for r in rows if r["score"])
-        parts = [f"{n} {v}" for v, n in verdicts.most_common()]
-        parts += [f"{n} x {e}" for e, n in errors.most_common()]
-        out[h["name"]] = ", ".join(parts) or "no answers yet"
-    return out
-
-
 @app.command()
 def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings."),
          rounds: Optional[int] = typer.Option(None, help="Rounds to run (default: the config's)."),
@@ -578,6 +579,7 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
     from validator.configs import resolve
     from validator.network.simulator import NetworkConfig, SimulatedNetwork
     from validator.store import Store
+    from validator.service.reads import host_reasons, host_rows
 
     raw = yaml.safe_load(resolve(config).read_text())
     network = NetworkConfig.load(raw["network"])

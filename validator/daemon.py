@@ -27,13 +27,12 @@ restarted) picks the work up.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
 import random
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,13 +40,15 @@ from typing import Callable
 import httpx
 from sqlalchemy.exc import IntegrityError
 
+from validator.models.registry import Registry
 from validator.probing.client import Attribution, AuthSession, FlexstackClient
+from validator.probing.probes import derive_probes, load_bank, load_mix
+from validator.reputation import ReputationConfig, Transition
+from validator.service.config import ValidatorConfig
 from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
                                            read_secrets_file)
-from validator.service.config import ValidatorConfig
-from validator.probing.probes import derive_probes, load_bank, load_mix
-from validator.models.registry import Registry
-from validator.reputation import Outcome, ReputationConfig, Transition, assess
+from validator.service.operations import Service
+from validator.service.scorer import Scorer
 from validator.store import Store, upgrade
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,15 @@ class Daemon:
         upgrade(config.database_url)
         self.store = store or Store(config.database_url)
         self.registry = registry or Registry.load(config.models)
-        self.models = models if models is not None else {}  # name -> ReferenceModel, loaded once
         self.bank = load_bank(config.prompts)
         self.mix = load_mix(config.settings_mix)
-        self.reputation = ReputationConfig.from_dict(config.reputation)
+        self.service = Service(self.store, self.registry, ReputationConfig.from_dict(config.reputation),
+                               Scorer(self.registry, models=models))
         self.progress = Progress()
         self.started_at = _now()
         self.on_event = on_event or (lambda message: log.info(message))
         self.stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
-        self._score_lock = threading.Lock()
-        self._reputation_lock = threading.Lock()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
         # Credentials key -> (credentials, the session their clients share across rounds).
         self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
@@ -157,7 +156,14 @@ class Daemon:
                 self.progress.answered += record.ok
             return record.ok
 
-        answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending))
+        # A round slower than the lease must keep it, or another validator re-sends the probes.
+        renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
+        try:
+            answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
         if any(answered):
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
@@ -183,6 +189,14 @@ class Daemon:
                                                              creds.username, creds.password))
         return held[1]
 
+    async def _renew_lease(self, host: str, round_no: int) -> None:
+        lease_s = self.config.rounds.lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            if not await asyncio.to_thread(self.store.renew_lease, host, round_no, self.owner, lease_s):
+                log.warning("lost the lease on %s round %d", host, round_no)
+                return
+
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
@@ -201,33 +215,22 @@ class Daemon:
         return total
 
     def score_batch(self) -> int:
-        from validator.scoring.batch import run_audit
-
         cfg = self.config.scoring
-        with self._score_lock:
-            rows = self.store.claim_unscored(self.owner, cfg.batch, cfg.lease_s)
-            if not rows:
-                return 0
-            lines = [json.dumps({"id": r["probe_id"], "host": r["host"], "model": r["model"],
-                                 "messages": r["messages"], "configs": r["configs"],
-                                 "response": r["text"]}) for r in rows]
-            outputs, _ = run_audit(lines, self.registry, models=self.models, rerun=cfg.rerun,
-                                   on_error=lambda m: log.warning("scoring: %s", m))
-            for row, out in zip(rows, outputs):
-                self.store.record_score(row["probe_id"], out["verdict"], out.get("p_value"),
-                                        out.get("reasons", []), out.get("metrics", {}), self.owner)
-            self.progress.scored += len(rows)
-            for host in sorted({r["host"] for r in rows}):
-                self.update_reputation(host)
-            return len(rows)
+        batch = self.service.score_stored(self.owner, limit=cfg.batch, lease_s=cfg.lease_s, rerun=cfg.rerun)
+        self.progress.scored += batch.scored
+        for host, transition in batch.transitions:
+            self._announce(host, transition)
+        return batch.scored
 
     def update_reputation(self, host: str) -> None:
-        with self._reputation_lock:
-            transition = refresh_reputation(self.store, host, self.reputation)
+        transition = self.service.refresh_reputation(host)
         if transition:
-            message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
-            self.progress.transitions.append(message)
-            self.on_event(message)
+            self._announce(host, transition)
+
+    def _announce(self, host: str, transition: Transition) -> None:
+        message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
+        self.progress.transitions.append(message)
+        self.on_event(message)
 
     # ------------------------------------------------------------------ running
     async def run(self, max_rounds: int | None = None, first_round: int | None = None) -> Progress:
@@ -319,33 +322,3 @@ def _now():
 
     return datetime.now(timezone.utc)
 
-
-def outcomes(store: Store, host: str) -> list[Outcome]:
-    """A host's probe outcomes, as reputation reads them, from the stored answers."""
-    return [Outcome(probe_id=probe_id, at=at, verdict=verdict,
-                    p_value=p_value if verdict != "error" else None, error=error,
-                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0)
-            for probe_id, at, error, ttfb_s, total_s, nbytes, verdict, p_value
-            in store.host_outcomes(host)]
-
-
-def refresh_reputation(store: Store, host: str, config: ReputationConfig) -> Transition | None:
-    """Recompute a host's standing from everything stored (a pure function of the rows,
-    so a restarted validator gets the same answer) and store it; returns the state
-    change, if any, which is stored with its evidence."""
-    row = store.get_host(host)
-    if row is None or row["state"] == "disabled":
-        return None
-    released = [e["at"] for e in store.reputation_events(host)
-                if e["state_from"] == "flagged" and e["state_to"] == "probation"]
-    feedback = [f["rating"] for f in store.feedback_for(host)]
-    standing, transition = assess(row["state"], outcomes(store, host), feedback, config,
-                                  since=max(released) if released else None)
-    if transition:
-        if store.set_state(host, standing.state, score=standing.score,
-                           components=standing.components, evidence=transition.evidence,
-                           reason=transition.reason, expect=row["state"]) is None:
-            return None  # another validator changed the state first
-    else:
-        store.set_score(host, standing.score)
-    return transition

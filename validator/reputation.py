@@ -82,10 +82,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from validator.store import STATES, VERDICTS
 
-STATES = ("new", "trusted", "probation", "flagged", "disabled")
-VERDICTS = ("pass", "fail", "inconclusive")  # scored: these carry a p-value
+
 UNSCORED = "error"  # the validator could not score the answer (its fault, not the host's)
+SCORED_VERDICTS = tuple(v for v in VERDICTS if v != UNSCORED)  # these carry a p-value
 # Call errors that are the validator's own (its credentials refused): they say nothing of
 # the host, so availability and latency skip them (validator.probing.client.Err).
 VALIDATOR_ERRORS = frozenset({"auth_failed"})
@@ -154,11 +155,11 @@ class Outcome:
     bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.verdict not in (*VERDICTS, UNSCORED, None):
+        if self.verdict not in (*VERDICTS, None):
             raise ValueError(f"probe {self.probe_id}: verdict {self.verdict!r} is not one of "
-                             f"{(*VERDICTS, UNSCORED)}")
-        if (self.verdict in VERDICTS) != (self.p_value is not None):
-            raise ValueError(f"probe {self.probe_id}: a p-value comes with a verdict of {VERDICTS} "
+                             f"{VERDICTS}")
+        if (self.verdict in SCORED_VERDICTS) != (self.p_value is not None):
+            raise ValueError(f"probe {self.probe_id}: a p-value comes with a verdict of {SCORED_VERDICTS} "
                              "and only with one")
         if self.p_value is not None and not 0.0 <= self.p_value <= 1.0:
             raise ValueError(f"probe {self.probe_id}: p_value {self.p_value} is not in [0, 1]")
@@ -327,7 +328,7 @@ class _Honesty:
         return {
             "since": since.isoformat() if since else None,
             "probes_scored": len(self.scored),
-            "verdicts": {v: sum(o.verdict == v for o in self.scored) for v in VERDICTS},
+            "verdicts": {v: sum(o.verdict == v for o in self.scored) for v in SCORED_VERDICTS},
             "log_e": float(self.log_r[-1]) if len(self.scored) else 0.0,
             "log_e_max": float(self.log_r.max()) if len(self.scored) else 0.0,
             "log_threshold": self.threshold,
@@ -410,7 +411,7 @@ def honesty_factor(state: str, config: ReputationConfig) -> float:
             "flagged": 0.0, "disabled": 0.0}[state]
 
 
-def score(state: str, parts: Mapping[str, float], config: ReputationConfig) -> float:
+def combined_score(state: str, parts: Mapping[str, float], config: ReputationConfig) -> float:
     """honesty(state) * weighted mean of the components present (0 when none is)."""
     weights = {"availability": config.weight_availability, "latency": config.weight_latency,
                "feedback": config.weight_feedback}
@@ -463,7 +464,7 @@ def assess(state: str, outcomes: Sequence[Outcome], feedback: Sequence[float] = 
 
     new_state = transition.state_to if transition else state
     parts = components(ordered, feedback, config)
-    standing = Standing(new_state, score(new_state, parts, config),
+    standing = Standing(new_state, combined_score(new_state, parts, config),
                         {"honesty": honesty_factor(new_state, config), **parts},
                         honesty.summary(since))
     return standing, transition

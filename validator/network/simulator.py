@@ -1,6 +1,6 @@
 """A simulated Flexstack network on loopback: hosts that answer the text-completion API
 honestly on other engines, dishonestly in the ways hosts cheat, or brokenly in the ways
-servers break (shared/reference/flexstack.md has the API they imitate).
+servers break (docs/flexstack-api.md has the API they imitate).
 
 One uvicorn server listens on one port per host, plus one for the gateway; the port a
 request arrives on says which host it is for. Every model-backed host draws its answers

@@ -5,7 +5,7 @@ only bad arguments raise. The per-call deadline (`Timeouts.total`) is enforced h
 asyncio.timeout, because httpx's read timeout only bounds the gap between two chunks: a
 host trickling one byte a second would otherwise hold a probe forever.
 
-API facts used here are in shared/reference/flexstack.md.
+API facts used here are in docs/flexstack-api.md.
 """
 
 from __future__ import annotations

@@ -59,8 +59,9 @@ def greedy_and_sampled(prompts: list[Prompt], mix: list[tuple[float, Settings]],
 @dataclass(frozen=True)
 class Probe:
     """One probe as the daemon sends it. `configs` is exactly what goes on the wire (no
-    seed: the API has none, and a seed would mark the request as a probe); `seed` is
-    only for the validator's own re-run."""
+    seed: the API has none, and a seed would mark the request as a probe). The
+    validator's own re-run derives its seed from the content
+    (validator.scoring.batch.rerun_seed), so every validator re-runs a probe alike."""
     id: str
     round: int
     host: str
@@ -69,7 +70,6 @@ class Probe:
     messages: list[dict]
     configs: dict
     stream: bool
-    seed: int
 
     @property
     def wire_settings(self) -> Settings:
@@ -93,10 +93,9 @@ def derive_probes(secret: str, round_no: int, host: str, bank: list[Prompt],
     out = []
     for index, prompt in enumerate(rng.sample(bank, count)):
         settings = draw_settings(mix, rng)
-        seed = rng.randrange(2**31)
         configs = {k: v for k, v in settings.as_configs().items() if k != "seed"}
         probe_id = hmac.new(secret.encode(), f"id\0{round_no}\0{host}\0{index}".encode(),
                             hashlib.sha256).hexdigest()[:16]
         out.append(Probe(probe_id, round_no, host, index, prompt.id, prompt.messages, configs,
-                         stream=rng.random() < 0.5, seed=seed))
+                         stream=rng.random() < 0.5))
     return out

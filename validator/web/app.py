@@ -23,8 +23,9 @@ from validator.models.registry import Registry
 from validator.reputation import ReputationConfig
 from validator.store import Store
 from validator.web import api, dashboard, llm_endpoint, metrics
-from validator.web.data import finite
-from validator.web.scorer import ModelUnavailable, Scorer
+from validator.service.operations import Service
+from validator.service.reads import finite
+from validator.service.scorer import ModelUnavailable, Scorer
 
 DESCRIPTION = """\
 The referee of a decentralised LLM network: hosts, their reputations and the evidence
@@ -39,8 +40,7 @@ class WebContext:
     store: Store
     config: ServeConfig
     registry: Registry
-    scorer: Scorer
-    reputation: ReputationConfig
+    service: Service
     metrics: CollectorRegistry
 
 
@@ -79,9 +79,9 @@ def create_app(store: Store, config: ServeConfig | None = None, *, registry: Reg
                                 {"name": "admin", "description": "Writes: admin tokens only."},
                                 {"name": "validator", "description": "The network's validator API."},
                                 {"name": "status", "description": "Service state and metrics."}])
+    service = Service(store, registry, reputation, Scorer(registry, models=models))
     app.state.web = WebContext(store=store, config=config or ServeConfig(), registry=registry,
-                               scorer=Scorer(registry, models), reputation=reputation or ReputationConfig(),
-                               metrics=metrics.registry_for(store))
+                               service=service, metrics=metrics.registry_for(store))
     app.add_exception_handler(ModelUnavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.include_router(api.router)

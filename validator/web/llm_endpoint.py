@@ -1,4 +1,4 @@
-"""POST /validator/v1/llm: the network's validator API.
+"""POST /validator/v1/llm: the network's validator API (docs/flexstack-api.md).
 
 Each (prompt, response) pair is scored on components, each in [0, 1]:
 
@@ -47,7 +47,10 @@ from validator.reputation import components as reputation_components
 from validator.models.sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
 from validator.web.api import unprocessable
 from validator.web.auth import Principal, llm_caller
-from validator.web.data import finite
+from validator.scoring.batch import AnswerRecord
+from validator.service.audit import audit_records
+from validator.service.operations import ratings
+from validator.service.reads import finite
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -228,24 +231,24 @@ def _fidelity(pairs: Pairs) -> list[float | None]:
 
 
 def _cosine(pairs: Pairs) -> list[float | None]:
-    return _cosines(pairs.ctx.scorer, pairs.responses, pairs.ground_truths)
+    return _cosines(pairs.ctx.service.scorer, pairs.responses, pairs.ground_truths)
 
 
 def _reference_similarity(pairs: Pairs) -> list[float | None]:
-    return _cosines(pairs.ctx.scorer, pairs.responses, [(o.get("metrics") or {}).get("rerun") for o in pairs.audit])
+    return _cosines(pairs.ctx.service.scorer, pairs.responses, [(o.get("metrics") or {}).get("rerun") for o in pairs.audit])
 
 
 def _judge(pairs: Pairs) -> list[float | None]:
     name = pairs.ctx.config.llm.judge_model or pairs.model
-    grades = pairs.ctx.scorer.judge(name, list(zip(pairs.prompts, pairs.responses, pairs.ground_truths)))
+    grades = pairs.ctx.service.scorer.judge(name, list(zip(pairs.prompts, pairs.responses, pairs.ground_truths)))
     return [None if g is None else g.score for g in grades]
 
 
 def _feedback(pairs: Pairs) -> list[float | None]:
     if pairs.host is None:
         return [None] * len(pairs.prompts)
-    ratings = [f["rating"] for f in reversed(pairs.ctx.store.feedback_for(pairs.host))]
-    value = reputation_components([], ratings, pairs.ctx.reputation).get("feedback")
+    value = reputation_components([], ratings(pairs.ctx.store, pairs.host),
+                                  pairs.ctx.service.reputation).get("feedback")
     return [value] * len(pairs.prompts)
 
 
@@ -275,10 +278,10 @@ def score_pairs(req: LlmRequest, ctx) -> dict:
     cfg = ctx.config.llm
     prompts, responses = req.pair_prompts, req.pair_responses
     host = req.host or "request"
-    records = [{"id": i, "host": host, "model": model, "messages": [{"role": "user", "content": p}],
-                "configs": settings.as_configs(), "response": r}
+    scorer = ctx.service.scorer
+    records = [AnswerRecord(i, host, model, [{"role": "user", "content": p}], settings, r)
                for i, (p, r) in enumerate(zip(prompts, responses))]
-    outputs, hosts = ctx.scorer.audit(records, rerun=cfg.rerun)
+    outputs, hosts = audit_records(records, scorer, rerun=cfg.rerun)
     pairs = Pairs(prompts, responses, req.ground_truths or [None] * len(responses), model, settings,
                   req.host, outputs, ctx)
     available = components()
