@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from validator.daemon import Daemon, outcomes
+from validator.daemon import Daemon
+from validator.service.operations import outcomes
 from validator.network.simulator import SimulatedNetwork, NetworkConfig, Static, strategy
 from validator.reputation import ReputationConfig, components
 from validator.service.config import ValidatorConfig
