@@ -31,7 +31,7 @@ def test_environment_overrides_nested_keys_over_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("VALIDATOR_DATABASE", f"postgresql+psycopg://v:{PASSWORD}@db:5432/validator")
     cfg = ValidatorConfig.load(path)
     assert cfg.rounds.probes_per_host == 7 and cfg.rounds.interval_s == 60  # file keys beside it stay
-    assert cfg.serve.llm.max_pairs == 8 and cfg.serve.llm.weights.cosine == 0.5
+    assert cfg.serve.llm.max_pairs == 8 and cfg.serve.llm.weights["cosine"] == 0.5 and cfg.serve.llm.weights["judge"] == 0.25
     assert [h.name for h in cfg.hosts] == ["h"]
     assert cfg.database_url.endswith("@db:5432/validator") and PASSWORD not in cfg.database_shown
     assert ValidatorConfig.load(path, database="other.db").database.endswith("other.db")  # --db wins
