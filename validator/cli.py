@@ -20,8 +20,20 @@ app = typer.Typer(help="Referee for a decentralised LLM network.", no_args_is_he
 err = Console(stderr=True)
 
 
-@app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens.")):
+def _version(value: bool) -> None:
+    if value:
+        from validator import __version__
+
+        print(f"validator {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog="Exit statuses: 0 done; 1 an unexpected error; 2 a usage error (bad option, "
+                     "config or input, unknown host or database; the message says which); "
+                     "130 interrupted. docs/production.md lists them per command.")
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens."),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Model loading chatter (progress bars, deprecation notes) is not for the operator.
@@ -36,7 +48,7 @@ def audit(
     out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL), "
                              "each as soon as it is scored."),
     hosts_out: Optional[Path] = typer.Option(None, "--hosts-out", help="Write per-host verdicts here (JSON)."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default configs/models.yaml)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default: the shipped configs/models.yaml)."),
     alpha: float = typer.Option(1e-4, help="Host false-alarm level: dishonest when the combined p-value is below."),
     no_rerun: bool = typer.Option(False, "--no-rerun", help="Skip the reference re-run (no similarity metrics)."),
 ):
@@ -162,17 +174,19 @@ app.add_typer(db_app, name="db")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(probes_app, name="probes")
 
-CONFIG = typer.Option(None, "--config", "-c", help="Validator config (default configs/validator.yaml).")
+CONFIG = typer.Option(None, "--config", "-c", envvar="VALIDATOR_CONFIG",
+                      help="Validator config (default: the shipped example configs/validator.yaml); "
+                           "VALIDATOR_* variables override its keys.")
 DB = typer.Option(None, "--db", help="Database file or SQLAlchemy URL (default: the config's).")
 STATE_COLOURS = {"new": "cyan", "trusted": "green", "probation": "yellow", "flagged": "red",
                  "disabled": "dim"}
 
 
-def _config(config: Optional[Path]):
+def _config(config: Optional[Path], db: Optional[str] = None):
     from validator.service.config import ValidatorConfig
 
     try:
-        return ValidatorConfig.load(config)
+        return ValidatorConfig.load(config, database=db)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
 
@@ -240,9 +254,11 @@ def db_upgrade(config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Create or migrate the database to the current schema (a no-op when current)."""
     from validator.store import upgrade
 
+    from validator.service.config import redact_url
+
     url = _db_url(config, db)
     upgrade(url)
-    err.print(f"database at head: {url}")
+    err.print(f"database at head: {redact_url(url)}")
 
 
 @hosts_app.command("list")
@@ -260,13 +276,26 @@ def hosts_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
 
 @hosts_app.command("show")
 def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB,
-               recent: int = typer.Option(10, help="How many recent answers to show.")):
+               recent: int = typer.Option(10, help="How many recent answers to show."),
+               as_json: bool = typer.Option(False, "--json", help="Print one JSON object: the host, "
+                                            "its state history, recent answers and feedback.")):
     """One host: standing, state history with its evidence, recent verdicts with reasons."""
     store = _open_store(config, db)
     h = store.get_host(host)
     if h is None:
         err.print(f"[red]no host named {host!r}[/]")
         raise typer.Exit(2)
+    if as_json:
+        answers = [{"probe_id": r["probe"]["id"], "round": r["probe"]["round"],
+                    **{k: r["dispatch"][k] for k in ("finished_at", "ok", "error", "detail", "status",
+                                                     "ttfb_s", "total_s", "served_by")},
+                    **({k: r["score"][k] for k in ("verdict", "p_value", "reasons")} if r["score"]
+                       else {"verdict": None, "p_value": None, "reasons": []})}
+                   for r in store.host_scores(host, limit=recent)]
+        print(json.dumps({"host": {k: v for k, v in h.items() if k != "token_env"},
+                          "history": store.reputation_events(host), "answers": answers,
+                          "feedback": store.feedback_for(host)}, indent=2, default=str))
+        return
     console = Console()
     score = "-" if h["score"] is None else f"{h['score']:.3f}"
     console.print(f"[bold]{h['name']}[/]  {h['url']}  model {h['model']}  "
@@ -312,12 +341,20 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
 
 @hosts_app.command("add")
 def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry name of the model it claims."),
-              token_env: Optional[str] = typer.Option(None, help="Environment variable with its bearer token."),
+              credentials: Optional[str] = typer.Option(
+                  None, help="Credentials key KEY (default: the host's name): VALIDATOR_CRED_<KEY>_TOKEN "
+                             "etc., or the secrets file's entry (docs/production.md, Credentials)."),
               config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Add a host (or bring back a removed one with its history)."""
+    import re
+
+    from validator.service.config import CREDENTIALS_KEY
+
+    if credentials is not None and not re.match(CREDENTIALS_KEY, credentials):
+        raise typer.BadParameter("letters, digits, '.', '_' and '-', at most 64", param_hint="--credentials")
     service = _service(config, db, create=True)
     try:
-        service.add_host(name, url, model, token_env=token_env)
+        service.add_host(name, url, model, token_env=credentials)  # the column holds the key
     except ValueError as exc:  # a live host has the name, or the registry has no such model
         raise typer.BadParameter(str(exc)) from None
     err.print(f"added {name} ({url}, {model})")
@@ -446,7 +483,7 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
 
 
 @app.command()
-def run(config: Optional[Path] = CONFIG,
+def run(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         rounds: Optional[int] = typer.Option(None, help="Stop after this many rounds (default: run until SIGTERM)."),
         instance: Optional[str] = typer.Option(None, help="Instance name in leases (overrides the config).")):
     """The daemon: probe rounds, scoring and reputation until SIGTERM/SIGINT (drains first)."""
@@ -454,7 +491,7 @@ def run(config: Optional[Path] = CONFIG,
 
     from validator.daemon import Daemon
 
-    cfg = _config(config)
+    cfg = _config(config, db)
     if instance:
         cfg.instance = instance
     logging.getLogger("validator").setLevel(logging.INFO)
@@ -487,6 +524,7 @@ def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         validators.append({**v, "state": state, "heartbeat_age_s": round(age, 1),
                            "leases": held["leases"] if held else 0})
     st["validators"] = validators
+    st["validator_errors"] = _validator_errors(store)
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return
@@ -502,6 +540,27 @@ def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
                       f"{v['leases']} live leases")
     if not validators:
         console.print("no validator has run against this database")
+    for error, e in st["validator_errors"].items():
+        last = e["last"][0]
+        console.print(f"[red]validator error {error}[/]: {e['count']} calls (not charged to the hosts); "
+                      f"last {_when(last['finished_at'])} with {last['host']}: {last['detail'][:200]}",
+                      highlight=False)
+        console.print("  the validator's own credentials were refused: check its VALIDATOR_CRED_* "
+                      "variables or secrets file (docs/production.md, Credentials)", highlight=False)
+
+
+def _validator_errors(store) -> dict:
+    """Calls that failed on the validator's side (reputation.VALIDATOR_ERRORS), per class:
+    how many, by host, and the newest few."""
+    from validator.reputation import VALIDATOR_ERRORS
+
+    out = {}
+    for error in sorted(VALIDATOR_ERRORS):
+        by_host = {host: n for host, e, n in store.dispatch_counts() if e == error}
+        if by_host:
+            out[error] = {"count": sum(by_host.values()), "hosts": by_host,
+                          "last": store.last_errors(error)}
+    return out
 
 
 @app.command()
@@ -517,13 +576,12 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
 
     from validator.service.config import HostEntry, ValidatorConfig
     from validator.daemon import Daemon
-    from validator.models.registry import REPO_ROOT
+    from validator.configs import resolve
     from validator.network.simulator import NetworkConfig, SimulatedNetwork
     from validator.store import Store
     from validator.service.reads import host_reasons, host_rows
 
-    path = config if config.exists() or config.is_absolute() else REPO_ROOT / config
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(resolve(config).read_text())
     network = NetworkConfig.load(raw["network"])
     n_rounds = rounds or int(raw.get("rounds", 3))
     db = Path(raw.get("database", "demo.db")).expanduser().resolve()
@@ -656,6 +714,7 @@ def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
 
     from validator.models.registry import Registry
     from validator.reputation import ReputationConfig
+    from validator.service.config import redact_url
     from validator.web.app import create_app
 
     cfg = _config(config)
@@ -669,7 +728,7 @@ def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     store = _open_store(config, db)
     app_ = create_app(store, settings, registry=registry, reputation=reputation)
-    err.print(f"serving {store.url} on http://{settings.host}:{settings.port}: dashboard /hosts, "
+    err.print(f"serving {redact_url(store.url)} on http://{settings.host}:{settings.port}: dashboard /hosts, "
               f"API docs /docs, metrics /metrics ({'public' if settings.public_reads else 'token'} reads)",
               highlight=False)
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info", access_log=False)
@@ -719,12 +778,41 @@ def tokens_revoke(token_id: int = typer.Argument(..., help="The token's id (`val
     err.print(f"token {token_id} revoked")
 
 
-@app.command("models")
-def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry.")):
-    """List the model registry."""
-    from validator.models.registry import Registry
+@app.command()
+def init(directory: Path = typer.Argument(..., help="Directory to write into (created)."),
+         user: Optional[str] = typer.Option(None, help="User the systemd units run as (default: you)."),
+         instance: Optional[str] = typer.Option(None, help="This validator's instance name (default: "
+                                                "the directory's name)."),
+         force: bool = typer.Option(False, "--force", help="Overwrite existing files (a new secret).")):
+    """Write a production skeleton: config, secrets (mode 0600), systemd units, Prometheus rules."""
+    from validator.deploy import init as write, next_steps
 
-    registry = Registry.load(models)
+    try:
+        written = write(directory, user=user, instance=instance, force=force)
+    except FileExistsError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2)
+    for path in written:
+        print(path)
+    err.print(next_steps(directory), highlight=False, soft_wrap=True)
+
+
+@app.command("models")
+def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
+                as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
+    """List the model registry."""
+    from validator.models.registry import Registry, RegistryError
+
+    try:
+        registry = Registry.load(models)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
+    if as_json:
+        print(json.dumps([{"model": name, "checkpoint": spec.checkpoint, "dtype": spec.dtype,
+                           "device": spec.device, "calibration": str(spec.calibration) if spec.calibration else None,
+                           "calibrated": bool(spec.calibration and spec.calibration.exists())}
+                          for name, spec in registry.models.items()], indent=2))
+        return
     table = Table()
     for col in ("model", "checkpoint", "dtype", "device", "calibrated"):
         table.add_column(col)

@@ -41,10 +41,12 @@ import httpx
 from sqlalchemy.exc import IntegrityError
 
 from validator.models.registry import Registry
-from validator.probing.client import FlexstackClient
+from validator.probing.client import Attribution, AuthSession, FlexstackClient
 from validator.probing.probes import derive_probes, load_bank, load_mix
 from validator.reputation import ReputationConfig, Transition
 from validator.service.config import ValidatorConfig
+from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
+                                           read_secrets_file)
 from validator.service.operations import Service
 from validator.service.scorer import Scorer
 from validator.store import Store, upgrade
@@ -83,10 +85,16 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
+        # Credentials key -> (credentials, the session their clients share across rounds).
+        self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
+        self._secrets = self._read_secrets()  # an unreadable file stops the start
+        self.gateways = {h.name for h in config.hosts if h.gateway}
+        self.attribution = Attribution(config.attribution.header, config.attribution.body_field)
         for host in config.hosts:
             if self.store.get_host(host.name) is None:
                 try:
-                    self.store.add_host(host.name, host.url, host.model, token_env=host.token_env)
+                    # The store's token_env column holds the credentials key.
+                    self.store.add_host(host.name, host.url, host.model, token_env=host.credentials)
                 except (ValueError, IntegrityError):  # another validator added it just now
                     if self.store.get_host(host.name) is None:
                         raise
@@ -100,6 +108,10 @@ class Daemon:
         round_no = self.round_number() if round_no is None else round_no
         cfg = self.config.rounds
         probed, started = 0, time.monotonic()
+        try:  # rotated credentials are picked up without a restart
+            self._secrets = self._read_secrets()
+        except CredentialsError as exc:
+            self.on_event(f"{exc}; keeping the credentials read before")
         # A pool no larger than the probes in flight: httpcore scans its whole pool per
         # request, so twice the connections cost ~4x the CPU (benchmarks/daemon_overhead.py).
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
@@ -127,8 +139,9 @@ class Daemon:
         pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
         if pending and cfg.rounds.spread_s:
             await self._sleep(random.uniform(0, cfg.rounds.spread_s))
-        token = (os.environ.get(host["token_env"]) if host["token_env"] else None) or "validator"
-        client = FlexstackClient(host["url"], token=token, http=http, timeouts=cfg.client.timeouts())
+        client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
+                                 attribution=self.attribution, http=http, timeouts=cfg.client.timeouts())
+        gateway = name in self.gateways
 
         async def send(probe) -> bool:
             async with self._semaphore:
@@ -138,7 +151,8 @@ class Daemon:
                 record = await client.complete(probe.messages, probe.wire_settings,
                                                model=host["model"], stream=probe.stream)
             # Committed before anything else looks at it: a crash after this loses nothing.
-            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
+            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner,
+                                       served_host=record.served_by if gateway else None):
                 self.progress.answered += record.ok
             return record.ok
 
@@ -156,6 +170,24 @@ class Daemon:
         await asyncio.to_thread(self.update_reputation, name)
         if not self.stopping.is_set():
             await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+
+    def _read_secrets(self) -> dict:
+        path = self.config.credentials_file
+        return read_secrets_file(path) if path else {}
+
+    def _session(self, key: str) -> AuthSession:
+        """The session of credentials key `key`, kept while its credentials stay the same
+        (tokens from a login or refresh live across rounds); new when they change."""
+        try:
+            creds = credentials_for(key, self._secrets)
+        except CredentialsError as exc:  # the calls fail as auth_failed: the validator's error
+            self.on_event(str(exc))
+            creds = HostCredentials()
+        held = self._sessions.get(key)
+        if held is None or held[0] != creds:
+            held = self._sessions[key] = (creds, AuthSession(creds.token, creds.refresh_token,
+                                                             creds.username, creds.password))
+        return held[1]
 
     async def _renew_lease(self, host: str, round_no: int) -> None:
         lease_s = self.config.rounds.lease_s
@@ -245,7 +277,7 @@ class Daemon:
         # scorer, which works until the queue is empty, that is the normal case, not news.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         scheduler.start()
-        self.on_event(f"validator {self.owner} running; database {self.config.database_url}")
+        self.on_event(f"validator {self.owner} running; database {self.config.database_shown}")
         try:
             stop_wait = asyncio.ensure_future(self.stopping.wait())
             rounds_wait = asyncio.ensure_future(rounds_done.wait())

@@ -18,7 +18,8 @@ honesty(state) is 1 for `trusted`, 0.5 for `new` and `probation`, 0 for `flagged
 
 - availability: share of probes answered without a transport error (timeouts,
   malformed bodies, 5xx ... as classed by validator.probing.client), over the last `window`
-  probes, each weighted 2^(-age / half_life), age 0 for the newest probe.
+  probes, each weighted 2^(-age / half_life), age 0 for the newest probe. Probes that
+  failed on the validator's own credentials (VALIDATOR_ERRORS) are left out.
 - latency: per answered probe, the mean of a time-to-first-byte term (1 at or below
   `ttfb_target_s`, 0 at or above `ttfb_limit_s`, linear between) and a throughput term
   (bytes / total_s: 1 at or above `throughput_target_bps`, 0 at or below
@@ -86,6 +87,9 @@ from validator.store import STATES, VERDICTS
 
 UNSCORED = "error"  # the validator could not score the answer (its fault, not the host's)
 SCORED_VERDICTS = tuple(v for v in VERDICTS if v != UNSCORED)  # these carry a p-value
+# Call errors that are the validator's own (its credentials refused): they say nothing of
+# the host, so availability and latency skip them (validator.probing.client.Err).
+VALIDATOR_ERRORS = frozenset({"auth_failed"})
 
 
 # ---------------------------------------------------------------- one audit's host verdict
@@ -389,7 +393,7 @@ def _latency(o: Outcome, config: ReputationConfig) -> float | None:
 def components(outcomes: Sequence[Outcome], feedback: Sequence[float],
                config: ReputationConfig) -> dict[str, float]:
     """availability, latency and feedback, each in [0, 1]; a component without data is absent."""
-    recent = list(outcomes)[-config.window:]
+    recent = [o for o in outcomes if o.error not in VALIDATOR_ERRORS][-config.window:]
     for r in feedback:
         if isinstance(r, bool) or not (isinstance(r, numbers.Real) and 1.0 <= r <= 5.0):
             raise ValueError(f"feedback ratings are 1 to 5, got {r!r}")

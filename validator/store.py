@@ -52,7 +52,7 @@ from sqlalchemy import (
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 if TYPE_CHECKING:  # validator.probing.client imports torch (via sampling): keep this module light
     from validator.probing.client import CallRecord
@@ -329,7 +329,8 @@ def engine_for(url: str) -> Engine:
         return engine
     if backend == "postgresql":
         return create_engine(u, pool_pre_ping=True)
-    raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://")
+    raise ValueError(f"unsupported database URL {u.render_as_string(hide_password=True)!r}: "
+                     "use sqlite:/// or postgresql+psycopg://")
 
 
 def alembic_config():
@@ -616,9 +617,11 @@ class Store:
             return [row(p) for p in s.scalars(stmt)]
 
     def record_dispatch(self, probe_id: str, record: CallRecord | dict, validator: str,
-                        finished_at: datetime | None = None) -> bool:
+                        finished_at: datetime | None = None, served_host: str | None = None) -> bool:
         """Store a probe's answer (a CallRecord, or a dict of its fields). Returns False,
-        changing nothing, if the probe already has one. Committed on return."""
+        changing nothing, if the probe already has one. Committed on return.
+        `served_host`: a gateway's answer is the host's it names, when that is a live host
+        (its history, tallies and reputation); otherwise it stays the probed URL's."""
         get = record.get if isinstance(record, dict) else lambda k, d: getattr(record, k, d)
         values = {k: get(k, default) for k, default in _CALL_FIELDS.items()}
         if not isinstance(values["ok"], bool):
@@ -629,6 +632,9 @@ class Store:
             values["host_id"] = s.scalar(select(Probe.host_id).where(Probe.id == probe_id))
             if values["host_id"] is None:
                 raise ValueError(f"no probe {probe_id!r}: store the probe (ensure_probes) first")
+            if served_host is not None:
+                values["host_id"] = s.scalar(select(Host.id).where(
+                    Host.name == served_host, Host.removed_at.is_(None))) or values["host_id"]
             if not self._insert_new(s, Dispatch, values, "probe_id"):
                 return False
             amounts = {"calls": 1}
@@ -650,8 +656,11 @@ class Store:
         now = _now()
         free = or_(Dispatch.score_lease_until.is_(None), Dispatch.score_lease_until <= now,
                    Dispatch.score_owner == owner)
-        stmt = (select(Dispatch, Probe, Host.name, Host.model)
+        served = aliased(Host)  # the answer's host (a gateway's names who served it); the
+        #                        model is the one the probe asked for
+        stmt = (select(Dispatch, Probe, served.name, Host.model)
                 .join(Probe, Dispatch.probe_id == Probe.id).join(Host, Probe.host_id == Host.id)
+                .join(served, Dispatch.host_id == served.id)
                 .where(_AWAITING_SCORE, ~_SCORED, free)
                 .order_by(Dispatch.finished_at, Dispatch.id).limit(limit)
                 .with_for_update(skip_locked=True, of=Dispatch))
@@ -910,6 +919,15 @@ class Store:
             (answer,) = self._scored(s, [(p, d, sc)])
             return {**answer, "probe": {**answer["probe"], "host": host, "model": model},
                     "feedback": [row(f) for f in feedback]}
+
+    def last_errors(self, error: str, limit: int = 5) -> list[dict]:
+        """The newest answers that failed with error class `error`: host, probe_id,
+        finished_at, detail (for `validator status`; not indexed by error: not for hot paths)."""
+        with self.session(readonly=True) as s:
+            stmt = (select(Host.name.label("host"), Dispatch.probe_id, Dispatch.finished_at, Dispatch.detail)
+                    .join(Host, Dispatch.host_id == Host.id).where(Dispatch.error == error)
+                    .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()).limit(limit))
+            return [dict(r._mapping) for r in s.execute(stmt)]
 
     def dispatch_counts(self) -> list[tuple[str, str | None, int]]:
         """(host, error class or None when answered, recorded calls), every host and round

@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from validator.scoring.batch import Message
 from validator.service.config import ClientConfig
 from validator.probing.probes import Prompt, load_bank
-from validator.models.registry import REPO_ROOT
+from validator.configs import DIR as CONFIGS, resolve
 from validator.models.sampling import API_DEFAULTS, Settings, SettingsError
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-BANKS = REPO_ROOT / "configs" / "prompts"
+BANKS = CONFIGS / "prompts"
 METRICS = ("verdicts", "gaps", "latency", "determinism", "compliance", "agreement", "similarity")
 DEFAULT_METRICS = [m for m in METRICS if m != "similarity"]  # similarity costs a re-run
 SCORED_METRICS = {"verdicts", "gaps", "compliance", "similarity"}  # need the reference model
@@ -254,10 +254,10 @@ def _resolve(path: str, base: Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    for root in (base, Path.cwd(), REPO_ROOT):
-        if (root / p).exists():
-            return root / p
-    return base / p
+    if (base / p).exists():
+        return base / p
+    found = resolve(p)
+    return found if found.exists() else base / p
 
 
 def _bank_path(name: str, base: Path) -> Path:

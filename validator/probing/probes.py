@@ -1,4 +1,4 @@
-"""Prompt banks and settings mixes (YAML under configs/)."""
+"""Prompt banks and settings mixes (YAML; the shipped ones are in validator/configs/)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from validator.models.registry import REPO_ROOT
+from validator.configs import resolve, shipped
 from validator.models.sampling import Settings
 
-SETTINGS_FILE = REPO_ROOT / "configs" / "settings.yaml"
+SETTINGS_FILE = shipped("settings.yaml")
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,14 @@ class Prompt:
 
 
 def load_bank(path: str | Path) -> list[Prompt]:
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(resolve(path).read_text())
     return [Prompt(p["id"], p.get("kind", "question"),
                    [{"role": m["role"], "content": m["content"]} for m in p["messages"]])
             for p in raw["prompts"]]
 
 
 def load_mix(name: str = "default", path: str | Path = SETTINGS_FILE) -> list[tuple[float, Settings]]:
-    raw = yaml.safe_load(Path(path).read_text())["mixes"][name]
+    raw = yaml.safe_load(resolve(path).read_text())["mixes"][name]
     return [(float(e.get("weight", 1)), Settings.from_configs({k: v for k, v in e.items() if k != "weight"}))
             for e in raw]
 

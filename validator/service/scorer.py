@@ -100,6 +100,23 @@ class Scorer:
             results[i] = s
         return results  # type: ignore[return-value]
 
+    def judge(self, name: str, items: list[tuple[str, str, str | None]]) -> list:
+        """validator.scoring.judge grades of (prompt, response, ground truth or None) by the
+        registry model `name` (loaded once, shared with scoring)."""
+        from validator.scoring.judge import Judge
+        from validator.scoring.reference import ReferenceModel
+
+        with self._lock:
+            if name not in self.models:
+                try:
+                    self.models[name] = ReferenceModel.load(self.registry.get(name))
+                except Exception as exc:  # noqa: BLE001 - as in auditor()
+                    raise ModelUnavailable(f"the judge model {name!r} cannot be loaded here: "
+                                           f"{type(exc).__name__}: {exc}") from exc
+            if getattr(self, "_judge", None) is None or self._judge.model is not self.models[name]:
+                self._judge = Judge(self.models[name])
+            return self._judge.grade(items)
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length sentence embeddings, one row per text."""
         with self._lock:

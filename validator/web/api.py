@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from validator.models.registry import RegistryError
 from validator.reputation import InvalidTransition
 from validator.service import reads
+from validator.service.config import CREDENTIALS_KEY
 from validator.service.operations import StateChanged, UnknownHost, UnknownProbe
 from validator.store import STATES, VERDICTS
 from validator.web.auth import Principal, admin, reader
@@ -161,13 +162,17 @@ class ProbeDetail(BaseModel):
 
 class HostIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"name": "host-7", "url": "http://10.0.0.7:8000/v1", "model": "smollm2-135m", "token_env": "HOST7_TOKEN"}]})
+        {"name": "host-7", "url": "http://10.0.0.7:8000/v1", "model": "smollm2-135m", "credentials": "network"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     url: str = Field(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=2048,
                      description="The host's API base, e.g. http://10.0.0.5:8000/v1.")
     model: str = Field(min_length=1, max_length=128, description="Registry name of the model it claims.")
-    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
-                                  description="Environment variable holding its bearer token.")
+    # Never the name of a variable: the daemon reads only VALIDATOR_CRED_<KEY>_* variables
+    # and the operator's secrets file (validator.service.credentials).
+    credentials: str | None = Field(None, pattern=CREDENTIALS_KEY, description=(
+        "Credentials key KEY (default: the host's name): the validator authenticates with "
+        "VALIDATOR_CRED_<KEY>_TOKEN / _REFRESH_TOKEN / _USERNAME and _PASSWORD, or the "
+        "secrets file's entry KEY."))
 
 
 class AdminNote(BaseModel):
@@ -280,7 +285,7 @@ def add_host(request: Request, body: HostIn, who: Principal = Depends(admin)):
     """Add a host (or bring back a removed one with its history)."""
     ctx = web(request)
     try:
-        ctx.service.add_host(body.name, body.url, body.model, token_env=body.token_env)
+        ctx.service.add_host(body.name, body.url, body.model, token_env=body.credentials)
     except RegistryError as exc:
         raise unprocessable("model", str(exc)) from None
     except (ValueError, IntegrityError) as exc:  # IntegrityError: added concurrently
