@@ -419,7 +419,7 @@ def scenario(name: str, corpus: list[str], rounds: int, repo, seed: int, tmp: Pa
             write_mix(report.settings, tmp / "mix.yaml")
             mix = load_probe_mix("imported", tmp / "mix.yaml")
     else:
-        bank = load_bank(ROOT / "configs" / "prompts" / "general.yaml")
+        bank = load_bank("configs/prompts/general.yaml")
     n_probes = rounds * PROBES_PER_ROUND
     with Capture() as host:
         asyncio.run(send_probes(host.url, name, bank, mix, rounds))

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from validator.cli import app as cli
 from validator.daemon import Daemon
-from validator.models.registry import REPO_ROOT
+from validator.configs import shipped
 from validator.models.sampling import Settings
 from validator.probing.client import FlexstackClient, Timeouts
 from validator.probing.probes import (DOCUMENTED, SETTINGS_FILE, arrival_offsets, catch_up, derive_probes,
@@ -31,7 +31,7 @@ from validator.probing.probes import (DOCUMENTED, SETTINGS_FILE, arrival_offsets
 from validator.service.config import ServeConfig, ValidatorConfig
 from validator.store import Store, upgrade
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from probe_stealth import Capture  # noqa: E402  (benchmarks/ is on sys.path)
 
 MSGS = [{"role": "user", "content": "How long do I boil an egg?"}]
@@ -118,9 +118,9 @@ def test_import_dedups_checks_roles_and_lengths_and_reports(tmp_path):
 
 
 def test_run_warns_when_bank_or_secret_ship_in_the_repository(tmp_path):
-    shipped = load_bank("configs/prompts/general.yaml")
-    demo_secret = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())["validator"]["secret"]
-    warnings = shipped_in_repository(shipped, demo_secret)
+    public = load_bank("configs/prompts/general.yaml")
+    demo_secret = yaml.safe_load(shipped("demo.yaml").read_text())["validator"]["secret"]
+    warnings = shipped_in_repository(public, demo_secret)
     assert len(warnings) == 2
     assert "80 of the 80 probe prompts ship in this repository" in warnings[0]
     assert "validator probes import" in warnings[0]  # names the fix

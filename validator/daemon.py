@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,11 +44,15 @@ from typing import Callable
 import httpx
 from sqlalchemy.exc import IntegrityError
 
-from validator.probing.client import FlexstackClient
-from validator.service.config import ValidatorConfig
-from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
 from validator.models.registry import Registry
-from validator.reputation import Outcome, ReputationConfig, Transition, assess
+from validator.probing.client import Attribution, AuthSession, FlexstackClient
+from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
+from validator.reputation import ReputationConfig, Transition
+from validator.service.config import ValidatorConfig
+from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
+                                           read_secrets_file)
+from validator.service.operations import Service
+from validator.service.scorer import Scorer
 from validator.store import Store, upgrade
 
 log = logging.getLogger(__name__)
@@ -77,28 +79,32 @@ class Daemon:
         upgrade(config.database_url)
         self.store = store or Store(config.database_url)
         self.registry = registry or Registry.load(config.models)
-        self.models = models if models is not None else {}  # name -> ReferenceModel, loaded once
         self.bank = load_bank(config.prompts)
         self.mix = config.probe_mix()
         self.phase = schedule_phase(self.secret, config.rounds.interval_s)
         self.wire = config.client.wire()
-        self.reputation = ReputationConfig.from_dict(config.reputation)
+        self.service = Service(self.store, self.registry, ReputationConfig.from_dict(config.reputation),
+                               Scorer(self.registry, models=models))
         self.progress = Progress()
         self.started_at = _now()
         self.on_event = on_event or (lambda message: log.info(message))
         self.stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
-        self._score_lock = threading.Lock()
-        self._reputation_lock = threading.Lock()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
         # Probes claimed and not yet known to wait for a later time, or due and not done:
         # a validator claims more hosts only while this is below the concurrency.
         self._busy = 0
         self._busy_changed = asyncio.Condition()
+        # Credentials key -> (credentials, the session their clients share across rounds).
+        self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
+        self._secrets = self._read_secrets()  # an unreadable file stops the start
+        self.gateways = {h.name for h in config.hosts if h.gateway}
+        self.attribution = Attribution(config.attribution.header, config.attribution.body_field)
         for host in config.hosts:
             if self.store.get_host(host.name) is None:
                 try:
-                    self.store.add_host(host.name, host.url, host.model, token_env=host.token_env)
+                    # The store's token_env column holds the credentials key.
+                    self.store.add_host(host.name, host.url, host.model, token_env=host.credentials)
                 except (ValueError, IntegrityError):  # another validator added it just now
                     if self.store.get_host(host.name) is None:
                         raise
@@ -131,6 +137,10 @@ class Daemon:
         cfg = self.config.rounds
         t0 = time.monotonic()
         tasks: dict[str, asyncio.Task] = {}
+        try:  # rotated credentials are picked up without a restart
+            self._secrets = self._read_secrets()
+        except CredentialsError as exc:
+            self.on_event(f"{exc}; keeping the credentials read before")
         # A pool no larger than the probes in flight: httpcore scans its whole pool per
         # request, so twice the connections cost ~4x the CPU (benchmarks/daemon_overhead.py).
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
@@ -185,10 +195,10 @@ class Daemon:
             todo = [(p, at, at <= now) for p, at in zip(probes, due) if p.id in pending]
             # Probes that wait for a later time are not busy until their time comes.
             await adjust(sum(now_due for *_, now_due in todo) - held)
-            token = os.environ.get(host["token_env"]) if host["token_env"] else None
-            client = FlexstackClient(host["url"], token=token, http=http,
+            client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
+                                     attribution=self.attribution, http=http,
                                      timeouts=cfg.client.timeouts(), wire=self.wire)
-            lease = _Lease(self, name, round_no)
+            gateway = name in self.gateways
 
             async def send(probe, at: float, counted: bool) -> bool:
                 if not counted:
@@ -197,8 +207,8 @@ class Daemon:
                         return False
                     await adjust(1)
                 try:
-                    if not await lease.hold():
-                        return False  # not sent: another validator holds the round now
+                    if renewer.done():
+                        return False  # the lease is lost: its new holder sends the probe
                     async with self._semaphore:
                         if self.stopping.is_set():
                             return False
@@ -206,13 +216,23 @@ class Daemon:
                         record = await client.complete(probe.messages, probe.wire_settings,
                                                        model=host["model"], stream=probe.stream)
                     # Committed before anything else looks at it: a crash after this loses nothing.
-                    if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
+                    if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner,
+                                               served_host=record.served_by if gateway else None):
                         self.progress.answered += record.ok
                     return record.ok
                 finally:
                     await adjust(-1)
 
-            answered = await asyncio.gather(*(send(*t) for t in todo))
+            # Probes wait for their times longer than the lease lasts: keep it meanwhile,
+            # or another validator re-sends them.
+            renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
+            try:
+                answered = await asyncio.gather(*(send(*t) for t in todo))
+            finally:
+                lost = renewer.done()
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
         finally:
             if held:
                 await self._add_busy(-held)
@@ -220,9 +240,35 @@ class Daemon:
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
         await asyncio.to_thread(self.update_reputation, name)
-        if self.stopping.is_set() or not lease.held:
+        if self.stopping.is_set() or lost:
             return False
         return await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+
+    def _read_secrets(self) -> dict:
+        path = self.config.credentials_file
+        return read_secrets_file(path) if path else {}
+
+    def _session(self, key: str) -> AuthSession:
+        """The session of credentials key `key`, kept while its credentials stay the same
+        (tokens from a login or refresh live across rounds); new when they change."""
+        try:
+            creds = credentials_for(key, self._secrets)
+        except CredentialsError as exc:  # the calls fail as auth_failed: the validator's error
+            self.on_event(str(exc))
+            creds = HostCredentials()
+        held = self._sessions.get(key)
+        if held is None or held[0] != creds:
+            held = self._sessions[key] = (creds, AuthSession(creds.token, creds.refresh_token,
+                                                             creds.username, creds.password))
+        return held[1]
+
+    async def _renew_lease(self, host: str, round_no: int) -> None:
+        lease_s = self.config.rounds.lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            if not await asyncio.to_thread(self.store.renew_lease, host, round_no, self.owner, lease_s):
+                log.warning("lost the lease on %s round %d", host, round_no)
+                return
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -242,33 +288,22 @@ class Daemon:
         return total
 
     def score_batch(self) -> int:
-        from validator.scoring.batch import run_audit
-
         cfg = self.config.scoring
-        with self._score_lock:
-            rows = self.store.claim_unscored(self.owner, cfg.batch, cfg.lease_s)
-            if not rows:
-                return 0
-            lines = [json.dumps({"id": r["probe_id"], "host": r["host"], "model": r["model"],
-                                 "messages": r["messages"], "configs": r["configs"],
-                                 "response": r["text"]}) for r in rows]
-            outputs, _ = run_audit(lines, self.registry, models=self.models, rerun=cfg.rerun,
-                                   on_error=lambda m: log.warning("scoring: %s", m))
-            for row, out in zip(rows, outputs):
-                self.store.record_score(row["probe_id"], out["verdict"], out.get("p_value"),
-                                        out.get("reasons", []), out.get("metrics", {}), self.owner)
-            self.progress.scored += len(rows)
-            for host in sorted({r["host"] for r in rows}):
-                self.update_reputation(host)
-            return len(rows)
+        batch = self.service.score_stored(self.owner, limit=cfg.batch, lease_s=cfg.lease_s, rerun=cfg.rerun)
+        self.progress.scored += batch.scored
+        for host, transition in batch.transitions:
+            self._announce(host, transition)
+        return batch.scored
 
     def update_reputation(self, host: str) -> None:
-        with self._reputation_lock:
-            transition = refresh_reputation(self.store, host, self.reputation)
+        transition = self.service.refresh_reputation(host)
         if transition:
-            message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
-            self.progress.transitions.append(message)
-            self.on_event(message)
+            self._announce(host, transition)
+
+    def _announce(self, host: str, transition: Transition) -> None:
+        message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
+        self.progress.transitions.append(message)
+        self.on_event(message)
 
     # ------------------------------------------------------------------ running
     async def run(self, max_rounds: int | None = None, first_round: int | None = None) -> Progress:
@@ -309,7 +344,7 @@ class Daemon:
         # scorer, which works until the queue is empty, that is the normal case, not news.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         scheduler.start()
-        self.on_event(f"validator {self.owner} running; database {self.config.database_url}")
+        self.on_event(f"validator {self.owner} running; database {self.config.database_shown}")
         looping = asyncio.ensure_future(round_loop())
         try:
             stop_wait = asyncio.ensure_future(self.stopping.wait())
@@ -373,58 +408,8 @@ class Daemon:
         return await asyncio.shield(task)
 
 
-class _Lease:
-    """A host's round lease, renewed while its probes wait for their times (a round may
-    last longer than the lease); lost, it stops the host's remaining probes."""
-
-    def __init__(self, daemon: "Daemon", host: str, round_no: int):
-        self.daemon, self.host, self.round_no = daemon, host, round_no
-        self.renewed = time.monotonic()
-        self.held = True
-        self._lock = asyncio.Lock()
-
-    async def hold(self) -> bool:
-        ttl = self.daemon.config.rounds.lease_s
-        async with self._lock:
-            if self.held and time.monotonic() - self.renewed > ttl / 3:
-                self.held = await asyncio.to_thread(self.daemon.store.renew_lease, self.host,
-                                                    self.round_no, self.daemon.owner, ttl)
-                self.renewed = time.monotonic()
-            return self.held
-
-
 def _now():
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
 
-
-def outcomes(store: Store, host: str) -> list[Outcome]:
-    """A host's probe outcomes, as reputation reads them, from the stored answers."""
-    return [Outcome(probe_id=probe_id, at=at, verdict=verdict,
-                    p_value=p_value if verdict != "error" else None, error=error,
-                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0)
-            for probe_id, at, error, ttfb_s, total_s, nbytes, verdict, p_value
-            in store.host_outcomes(host)]
-
-
-def refresh_reputation(store: Store, host: str, config: ReputationConfig) -> Transition | None:
-    """Recompute a host's standing from everything stored (a pure function of the rows,
-    so a restarted validator gets the same answer) and store it; returns the state
-    change, if any, which is stored with its evidence."""
-    row = store.get_host(host)
-    if row is None or row["state"] == "disabled":
-        return None
-    released = [e["at"] for e in store.reputation_events(host)
-                if e["state_from"] == "flagged" and e["state_to"] == "probation"]
-    feedback = [f["rating"] for f in store.feedback_for(host)]
-    standing, transition = assess(row["state"], outcomes(store, host), feedback, config,
-                                  since=max(released) if released else None)
-    if transition:
-        if store.set_state(host, standing.state, score=standing.score,
-                           components=standing.components, evidence=transition.evidence,
-                           reason=transition.reason, expect=row["state"]) is None:
-            return None  # another validator changed the state first
-    else:
-        store.set_score(host, standing.score)
-    return transition

@@ -1,11 +1,11 @@
 """Prompt banks, settings mixes, and what a probe is and when it leaves.
 
-Banks: YAML (`prompts: [{id, kind, messages}]`, as under configs/prompts/), JSONL (one
-`{"messages": [...]}` object a line, e.g. exported user requests, `id` optional), or a
-directory of such files; `load_bank` takes one or several. The banks under
-configs/prompts/ are public (demo and tests): a host can match their prompts, so a
-deployed validator uses private banks (`validator probes import`). docs/probes.md says
-why each choice here is made.
+Banks: YAML (`prompts: [{id, kind, messages}]`, as the shipped ones in
+validator/configs/prompts/), JSONL (one `{"messages": [...]}` object a line, e.g.
+exported user requests, `id` optional), or a directory of such files; `load_bank` takes
+one or several. The shipped banks are public (demo and tests): a host can match their
+prompts, so a deployed validator uses private banks (`validator probes import`).
+docs/probes.md says why each choice here is made.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Iterable, Sequence
 
 import yaml
 
-from validator.models.registry import REPO_ROOT
+from validator.configs import DIR as SHIPPED, resolve, shipped
 from validator.models.sampling import MAX_TOKENS_LIMIT, Settings
 from validator.probing.client import ROLES
 
-SETTINGS_FILE = REPO_ROOT / "configs" / "settings.yaml"
-SHIPPED_BANKS = REPO_ROOT / "configs" / "prompts"
+SETTINGS_FILE = shipped("settings.yaml")
+SHIPPED_BANKS = shipped("prompts")
+CHECKOUT = SHIPPED.parent.parent  # a source checkout's root (tests/, docs/ ... when present)
 BANK_SUFFIXES = (".yaml", ".yml", ".jsonl")
 
 # The API's documented ranges (docs/probes.md): temperature's "common range" 0-1, top_k
@@ -75,13 +76,6 @@ def content_id(messages: list[dict]) -> str:
     return "p-" + hashlib.sha256(messages_key(messages).encode()).hexdigest()[:12]
 
 
-def _resolve(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
-    return path
-
-
 def bank_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     """The bank files `paths` names: files as given, directories' bank files (sorted,
     recursively)."""
@@ -90,7 +84,7 @@ def bank_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         raise ValueError("no prompt bank configured")
     out = []
     for given in paths:
-        path = _resolve(given)
+        path = resolve(given)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in BANK_SUFFIXES and p.is_file())
             if not found:
@@ -271,7 +265,7 @@ def shipped_in_repository(bank: Sequence[Prompt], secret: str) -> list[str]:
     shipped = sum(messages_key(p.messages) in public for p in bank)
     if shipped:
         out.append(f"{shipped} of the {len(bank)} probe prompts ship in this repository "
-                   f"({SHIPPED_BANKS.relative_to(REPO_ROOT)}/), which is public: hosts can "
+                   f"({SHIPPED_BANKS.relative_to(CHECKOUT)}/), which is public: hosts can "
                    "recognise them and answer those honestly. Build a private bank from your "
                    "users' requests (validator probes import REQUESTS.jsonl --out BANK.jsonl) and "
                    "point `prompts:` in the config at it (docs/probes.md).")
@@ -284,20 +278,19 @@ def shipped_in_repository(bank: Sequence[Prompt], secret: str) -> list[str]:
 
 
 def _repository_file_containing(text: str, max_bytes: int = 2 << 20) -> str | None:
-    for top in ("configs", "tests", "docs", "benchmarks", "examples", "README.md"):
-        root = REPO_ROOT / top
+    for root in (SHIPPED, *(CHECKOUT / top for top in ("tests", "docs", "benchmarks", "examples", "README.md"))):
         for path in ([root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []):
             if path.is_file() and path.stat().st_size <= max_bytes and path.suffix in (
                     ".yaml", ".yml", ".py", ".md", ".json", ".toml", ".txt"):
                 if text in path.read_text(encoding="utf-8", errors="replace"):
-                    return str(path.relative_to(REPO_ROOT))
+                    return str(path.relative_to(CHECKOUT))
     return None
 
 
 # ------------------------------------------------------------------------------ settings
 
 def load_mix(name: str = "default", path: str | Path = SETTINGS_FILE) -> list[tuple[float, Settings]]:
-    raw = yaml.safe_load(Path(path).read_text())["mixes"]
+    raw = yaml.safe_load(resolve(path).read_text())["mixes"]
     if name not in raw:
         raise ValueError(f"no settings mix {name!r} in {path} (there: {', '.join(raw)})")
     return [(float(e.get("weight", 1)), Settings.from_configs({k: v for k, v in e.items() if k != "weight"}))
@@ -353,7 +346,9 @@ def greedy_and_sampled(prompts: list[Prompt], mix: list[tuple[float, Settings]],
 class Probe:
     """One probe as the daemon sends it. `configs` are the settings sent (no seed: the
     API has none, and a seed would mark the request as a probe; the client lays them
-    out as the network's own client does); `seed` is only for the validator's re-run."""
+    out as the network's own client does). The validator's own re-run derives its seed
+    from the content (validator.scoring.batch.rerun_seed), so every validator re-runs a
+    probe alike."""
     id: str
     round: int
     host: str
@@ -362,7 +357,6 @@ class Probe:
     messages: list[dict]
     configs: dict
     stream: bool
-    seed: int
 
     @property
     def wire_settings(self) -> Settings:
@@ -384,19 +378,18 @@ def _keyed_rng(secret: str, *parts: object) -> random.Random:
 def derive_probes(secret: str, round_no: int, host: str, bank: list[Prompt],
                   mix: list[tuple[float, Settings]], count: int) -> list[Probe]:
     """The probes of (secret, round, host): reproducible by whoever holds the secret,
-    unpredictable to hosts, distinct prompts within a round."""
+    unpredictable to hosts (HMAC-SHA256 keys the draw), distinct prompts within a round."""
     if count < 1 or count > len(bank):
         raise ValueError(f"count must be between 1 and the bank's {len(bank)} prompts")
     rng = _keyed_rng(secret, "probes", round_no, host)
     out = []
     for index, prompt in enumerate(rng.sample(bank, count)):
         settings = draw_settings(mix, rng)
-        seed = rng.randrange(2**31)
         configs = {k: v for k, v in settings.as_configs().items() if k != "seed"}
         probe_id = hmac.new(secret.encode(), f"id\0{round_no}\0{host}\0{index}".encode(),
                             hashlib.sha256).hexdigest()[:16]
         out.append(Probe(probe_id, round_no, host, index, prompt.id, prompt.messages, configs,
-                         stream=rng.random() < 0.5, seed=seed))
+                         stream=rng.random() < 0.5))
     return out
 
 
