@@ -131,9 +131,9 @@ class Daemon:
     async def probe_round(self, round_no: int | None = None, started: float | None = None) -> int:
         """Claim and probe hosts for one round until none is left; returns hosts probed.
         `started`: the wall-clock start the probes' times count from (default: the
-        round's keyed start)."""
+        round's keyed start, or now for a round whose start is still ahead)."""
         round_no = self.round_number() if round_no is None else round_no
-        started = self.round_start(round_no) if started is None else started
+        started = min(self.round_start(round_no), time.time()) if started is None else started
         cfg = self.config.rounds
         t0 = time.monotonic()
         tasks: dict[str, asyncio.Task] = {}
