@@ -37,6 +37,7 @@ Conventions
 from __future__ import annotations
 
 import itertools
+import re
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -358,6 +359,28 @@ _CALL_FIELDS = {"ok": None, "text": None, "status": None, "error": None, "detail
                 "ttfb_s": None, "total_s": 0.0, "bytes": 0, "attempts": 0, "served_by": None}
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def bounded(table, values: dict) -> dict:
+    """`values` with every string that goes into a String(N) column of `table` made to
+    fit: cut to N characters, the end saying so (`...[300 chars]`), and NUL and lone
+    surrogates (which neither PostgreSQL nor UTF-8 can hold) replaced by U+FFFD. For
+    what a host controls: a header of any length must not fail the insert."""
+    out = dict(values)
+    for name, value in values.items():
+        column = table.c.get(name)
+        length = getattr(column.type, "length", None) if column is not None else None
+        if not (isinstance(value, str) and length):
+            continue
+        value = _UNSTORABLE.sub("\ufffd", value)
+        if len(value) > length:
+            marker = f"...[{len(value)} chars]"
+            value = value[:length - len(marker)] + marker
+        out[name] = value
+    return out
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -611,6 +634,7 @@ class Store:
             raise ValueError("a dispatch record needs a boolean `ok`")
         values.update(probe_id=probe_id, detail=values["detail"] or "", validator=validator,
                       finished_at=finished_at or _now(), awaiting_score=values["ok"])
+        values = bounded(Dispatch.__table__, values)  # error, served_by: what the host sent
         with self.session() as s:
             values["host_id"] = s.scalar(select(Probe.host_id).where(Probe.id == probe_id))
             if values["host_id"] is None:
