@@ -47,10 +47,12 @@ def test_a_served_by_longer_than_its_column_is_stored_cut_with_a_marker(store):
 
 def test_strings_a_host_controls_are_bounded_and_storable(store):
     pid = _one_probe(store)
-    record = {"ok": False, "error": "e" * 200, "detail": "x", "served_by": "a\x00b\ud800c"}
+    record = {"ok": False, "error": "e" * 200, "detail": "the host said \ud800\x00",
+              "served_by": "a\x00b\ud800c"}
     assert store.record_dispatch(pid, record, "v")
     d = _stored(store, pid)
     assert len(d.error) == 64 and d.error.endswith("[200 chars]")
     assert d.served_by == "a\ufffdb\ufffdc"  # NUL and a lone surrogate: neither fits a column
+    assert d.detail.startswith("the host said \ufffd")  # a 4xx's message is the host's words
     with store.session(readonly=True) as s:
         assert store._tallies(s, f"error:{d.error}") == [("h", f"error:{d.error}", 1.0)]
