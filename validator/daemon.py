@@ -41,7 +41,7 @@ from typing import Callable
 import httpx
 from sqlalchemy.exc import IntegrityError
 
-from validator.probing.client import FlexstackClient
+from validator.probing.client import CallRecord, Err, FlexstackClient
 from validator.service.config import ValidatorConfig
 from validator.probing.probes import derive_probes, load_bank, load_mix
 from validator.models.registry import Registry
@@ -110,13 +110,34 @@ class Daemon:
                                                 cfg.claim_batch, cfg.lease_s)
                 if not hosts:
                     break
-                await asyncio.gather(*(self._probe_host(round_no, h, http) for h in hosts))
+                await asyncio.gather(*(self._probe_host_isolated(round_no, h, http) for h in hosts))
                 probed += len(hosts)
         self.progress.rounds += 1
         took = time.monotonic() - started
         self.on_event(f"round {round_no}: {probed} hosts probed in {took:.0f} s"
                       + (f" (longer than the {cfg.interval_s:.0f} s interval)" if took > cfg.interval_s else ""))
         return probed
+
+    async def _probe_host_isolated(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
+        """Probe one host; whatever that raises stays with the host (logged, its unanswered
+        probes recorded as client_bug, its round closed) and the round goes on for the rest."""
+        try:
+            await self._probe_host(round_no, name, http)
+        except Exception as exc:  # noqa: BLE001 - one host must never abandon the round
+            log.exception("round %s: probing host %s failed", round_no, name)
+            self.on_event(f"round {round_no}: {name}: {type(exc).__name__} while probing "
+                          f"(logged); its unanswered probes are recorded as client_bug")
+            await asyncio.to_thread(self._record_host_failure, round_no, name, exc)
+
+    def _record_host_failure(self, round_no: int, name: str, exc: Exception) -> None:
+        try:
+            for probe in self.store.pending_probes(round_no, name):
+                self.store.record_dispatch(probe["id"], _failed_call(exc, "probing the host"), self.owner)
+            self.update_reputation(name)
+            if not self.stopping.is_set():
+                self.store.finish_host_round(name, round_no, self.owner)
+        except Exception:  # noqa: BLE001 - e.g. the database is down: the lease runs out, retried then
+            log.exception("round %s: host %s: its failure could not be recorded", round_no, name)
 
     async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
         cfg = self.config
@@ -136,14 +157,29 @@ class Daemon:
                 if self.stopping.is_set():
                     return False
                 self.progress.sent += 1
-                record = await client.complete(probe.messages, probe.wire_settings,
-                                               model=host["model"], stream=probe.stream)
+                try:  # the client records every failure of the host; this would be ours
+                    record = await client.complete(probe.messages, probe.wire_settings,
+                                                   model=host["model"], stream=probe.stream)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("probe %s: the client raised", probe.id)
+                    record = _failed_call(exc, "calling the host")
             # Committed before anything else looks at it: a crash after this loses nothing.
-            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
+            try:
+                stored = await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner)
+            except Exception as exc:  # noqa: BLE001 - what the host sent could not be stored
+                log.exception("probe %s: storing the answer failed", probe.id)
+                record = _failed_call(exc, "storing the answer")
+                stored = await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner)
+            if stored:
                 self.progress.answered += record.ok
             return record.ok
 
-        answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending))
+        results = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
+                                       return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:  # every probe has had its turn: now the host's handler records what it can
+            raise failures[0]
+        answered = results
         if any(answered):
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
@@ -280,6 +316,12 @@ class Daemon:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
+
+
+def _failed_call(exc: BaseException, doing: str) -> CallRecord:
+    """The record of a call that ended in an exception of ours (validator.probing.client.Err)."""
+    return CallRecord(ok=False, error=Err.CLIENT_BUG,
+                      detail=f"{type(exc).__name__} while {doing}: {str(exc)[:500]}")
 
 
 def _now():

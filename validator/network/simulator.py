@@ -755,3 +755,5 @@ class SimulatedNetwork:
             return response
 
         return app
+
+from validator.network import hostile  # noqa: E402,F401 - registers the hostile strategies (built on the above)
