@@ -15,6 +15,7 @@ import socket
 import time
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from validator.daemon import Daemon, outcomes
@@ -203,3 +204,38 @@ def test_a_round_with_hostile_hosts_probes_records_and_scores_everyone(
     finally:
         store.close()
     print(f"{database.split(':')[0]}: one hostile round, scored, in {took:.1f} s")
+
+
+def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tmp_path):
+    """A bank prompt our own client refuses (a role the API does not have) raises in the
+    daemon: the host's other probes are still answered and stored, the refused one is
+    recorded as client_bug, and the round is closed for the host."""
+    bank = tmp_path / "bank.yaml"
+    bank.write_text(yaml.safe_dump({"prompts": [
+        {"id": "good-1", "messages": [{"role": "user", "content": "Say hello."}]},
+        {"id": "bad-role", "messages": [{"role": "tool", "content": "{}"}]},
+        {"id": "good-2", "messages": [{"role": "user", "content": "Name a colour."}]}]}))
+    url = Store.default_url(tmp_path / "v.db")
+    net = SimulatedNetwork(NetworkConfig.model_validate({"hosts": [{"name": "s", "strategy": "static"}]}))
+    with net:
+        config = ValidatorConfig.model_validate({
+            "database": url, "secret": "s", "prompts": str(bank),
+            "rounds": {"interval_s": 1e9, "jitter_s": 0, "spread_s": 0, "probes_per_host": 3},
+            "client": {"connect_s": 2, "first_byte_s": 5, "total_s": 10, "retries": 0},
+            "hosts": [{"name": "s", "url": net.urls["s"], "model": MODEL}]})
+        daemon = Daemon(config, on_event=lambda m: None)
+        assert asyncio.run(daemon.probe_round(1)) == 1
+    store = Store(url)
+    try:
+        with store.session(readonly=True) as s:
+            calls = {r.prompt_id: r for r in s.execute(
+                select(Probe.prompt_id, Dispatch.ok, Dispatch.error, Dispatch.detail, HostRound.done_at)
+                .join(Dispatch, Dispatch.probe_id == Probe.id)
+                .join(HostRound, HostRound.host_id == Probe.host_id))}
+    finally:
+        store.close()
+    assert set(calls) == {"good-1", "bad-role", "good-2"}
+    assert calls["good-1"].ok and calls["good-2"].ok
+    assert (calls["bad-role"].ok, calls["bad-role"].error) == (False, Err.CLIENT_BUG)
+    assert "ValueError" in calls["bad-role"].detail
+    assert all(c.done_at is not None for c in calls.values())

@@ -157,29 +157,20 @@ class Daemon:
                 if self.stopping.is_set():
                     return False
                 self.progress.sent += 1
-                try:  # the client records every failure of the host; this would be ours
-                    record = await client.complete(probe.messages, probe.wire_settings,
-                                                   model=host["model"], stream=probe.stream)
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("probe %s: the client raised", probe.id)
-                    record = _failed_call(exc, "calling the host")
+                record = await client.complete(probe.messages, probe.wire_settings,
+                                               model=host["model"], stream=probe.stream)
             # Committed before anything else looks at it: a crash after this loses nothing.
-            try:
-                stored = await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner)
-            except Exception as exc:  # noqa: BLE001 - what the host sent could not be stored
-                log.exception("probe %s: storing the answer failed", probe.id)
-                record = _failed_call(exc, "storing the answer")
-                stored = await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner)
-            if stored:
+            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
                 self.progress.answered += record.ok
             return record.ok
 
-        results = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
-                                       return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:  # every probe has had its turn: now the host's handler records what it can
-            raise failures[0]
-        answered = results
+        # A probe that raises leaves the others to finish and be stored; then the host's
+        # handler (_probe_host_isolated) records it.
+        answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
+                                        return_exceptions=True)
+        failed = [r for r in answered if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
         if any(answered):
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
