@@ -15,6 +15,7 @@ from validator.models.registry import RegistryError
 from validator.store import STATES, VERDICTS
 from validator.web import data
 from validator.web.auth import Principal, admin, reader
+from validator.web.limits import RATE_LIMITED
 
 router = APIRouter(prefix="/api")
 T = TypeVar("T")
@@ -247,15 +248,16 @@ def host_series(request: Request, host: str = HostName, _: Principal = Depends(r
 
 
 @router.get("/probes/{probe_id}", response_model=ProbeDetail, tags=["probes"],
-            responses={**NO_TOKEN, 404: {"description": "No such probe."},
+            responses={**NO_TOKEN, **RATE_LIMITED, 404: {"description": "No such probe."},
                        503: {"description": "The host's reference model cannot be loaded here."}})
-def get_probe(request: Request, probe_id: str = ProbeId, _: Principal = Depends(reader),
+def get_probe(request: Request, probe_id: str = ProbeId, who: Principal = Depends(reader),
               rerun: bool = Query(True, description="Include the reference's re-run (generated here when "
                                                     "the daemon did not store one: seconds of model time).")):
     """A probe: prompt, settings, the host's answer, its score, per-token gaps against
     the reference, and the reference's own re-run."""
     ctx = web(request)
-    found = data.probe(ctx.store, ctx.scorer, probe_id, rerun=rerun)
+    found = data.probe(ctx.store, ctx.scorer, probe_id, rerun=rerun,
+                       spend=ctx.limits.spender(request, who))
     if found is None:
         raise not_found(f"probe {probe_id!r}")
     return found

@@ -22,6 +22,7 @@ from validator.reputation import ReputationConfig
 from validator.store import Store
 from validator.web import api, dashboard, llm_endpoint, metrics
 from validator.web.data import finite
+from validator.web.limits import LOGIN_PATH, BodyLimits, ModelTimeLimiter
 from validator.web.scorer import ModelUnavailable, Scorer
 
 DESCRIPTION = """\
@@ -40,6 +41,7 @@ class WebContext:
     scorer: Scorer
     reputation: ReputationConfig
     metrics: CollectorRegistry
+    limits: ModelTimeLimiter
 
 
 def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
@@ -65,9 +67,13 @@ def create_app(store: Store, config: ServeConfig | None = None, *, registry: Reg
                                 {"name": "admin", "description": "Writes: admin tokens only."},
                                 {"name": "validator", "description": "The network's validator API."},
                                 {"name": "status", "description": "Service state and metrics."}])
-    app.state.web = WebContext(store=store, config=config or ServeConfig(), registry=registry,
+    config = config or ServeConfig()
+    app.state.web = WebContext(store=store, config=config, registry=registry,
                                scorer=Scorer(registry, models), reputation=reputation or ReputationConfig(),
-                               metrics=metrics.registry_for(store))
+                               metrics=metrics.registry_for(store),
+                               limits=ModelTimeLimiter(config.model_calls_per_minute))
+    app.add_middleware(BodyLimits, max_bytes=config.max_body_bytes,
+                       per_path={LOGIN_PATH: config.max_login_bytes})
     app.add_exception_handler(ModelUnavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.include_router(api.router)

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from ..store import STATES
 from . import data
 from .auth import COOKIE, Principal, bearer, identify, token_hash
+from .limits import RateLimited
 from .scorer import ModelUnavailable
 
 router = APIRouter(include_in_schema=False)
@@ -143,9 +144,13 @@ def probe_page(request: Request, probe_id: str, creds=Depends(bearer)):
         return _login(request)
     ctx = request.app.state.web
     try:
-        p = data.probe(ctx.store, ctx.scorer, probe_id, rerun=True)
+        p = data.probe(ctx.store, ctx.scorer, probe_id, rerun=True, spend=ctx.limits.spender(request, who))
     except ModelUnavailable as exc:
         return _page(request, "error.html", who, 503, status=503, message=str(exc))
+    except RateLimited as exc:
+        page = _page(request, "error.html", who, 429, status=429, message=exc.detail)
+        page.headers.update(exc.headers)
+        return page
     if p is None:
         return _not_found(request, who, f"No probe {probe_id!r}.")
     verdict = None

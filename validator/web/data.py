@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from ..reputation import ReputationConfig, assess, components, score
 from ..store import STATES, Store
@@ -134,13 +134,15 @@ def history(store: Store, name: str, *, limit: int = PAGE, offset: int = 0, verd
     return page([answer(r) for r in rows], total, limit, offset)
 
 
-def probe(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = True) -> dict | None:
+def probe(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = True,
+          spend: Callable[[], None] = lambda: None) -> dict | None:
     """A probe with its answer, score, per-token gaps and the reference's re-run.
 
     Per-token gaps come from the stored score (the daemon keeps them); the re-run is
     stored only when the daemon runs with `scoring.rerun`. What is missing is computed
     here with the real scorer (`validator audit`'s) and not stored: the server only
-    reads. `sources` says which is which."""
+    reads. `sources` says which is which. `spend` is called first when the scorer is
+    (to count it against the caller's rate limit, which may refuse)."""
     found = store.probe_detail(probe_id)
     if found is None:
         return None
@@ -153,6 +155,7 @@ def probe(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = True) ->
     computed = None
     answered = d is not None and d["ok"] and d["text"] is not None
     if answered and (per_token is None or (rerun and rerun_text is None)):
+        spend()
         (out,), _ = scorer.audit([{"id": p["id"], "host": p["host"], "model": p["model"],
                                    "messages": p["messages"], "configs": p["configs"],
                                    "response": d["text"]}], rerun=rerun)

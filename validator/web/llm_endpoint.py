@@ -21,7 +21,7 @@ The aggregate holds the mean score, the mean of each component, and the verdict 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -33,6 +33,7 @@ from validator.models.sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
 from validator.web.api import unprocessable
 from validator.web.auth import Principal, llm_caller
 from validator.web.data import finite
+from validator.web.limits import RATE_LIMITED
 
 router = APIRouter()
 HARD_MAX_PAIRS = 10_000  # schema ceilings; the configured caps (serve.llm) are lower
@@ -188,8 +189,11 @@ def _cosines(scorer, responses: list[str], others: list[str | None]) -> list[flo
     return out
 
 
-def score_pairs(req: LlmRequest, ctx) -> dict:
+def score_pairs(req: LlmRequest, ctx, spend: Callable[[], None] = lambda: None) -> dict:
+    """`spend` is called once the request is known to be valid, before any model work
+    (it counts against the caller's rate limit, which may refuse with 429)."""
     model, settings = _check(req, ctx)
+    spend()
     cfg = ctx.config.llm
     weights = cfg.weights.model_dump()
     prompts, responses = req.pair_prompts, req.pair_responses
@@ -237,9 +241,11 @@ def score_pairs(req: LlmRequest, ctx) -> dict:
              responses={401: {"description": "No valid token (unless serve.llm.public)."},
                         422: {"description": "Malformed request: lengths differ, a cap is exceeded, "
                                              "unknown model, bad settings."},
-                        503: {"description": "The reference model or the embedder cannot be loaded here."}})
-def validate_llm(request: Request, body: LlmRequest, _: Principal = Depends(llm_caller)):
+                        503: {"description": "The reference model or the embedder cannot be loaded here."},
+                        **RATE_LIMITED})
+def validate_llm(request: Request, body: LlmRequest, who: Principal = Depends(llm_caller)):
     """Score prompt/response pairs with the reference model (and ground truths with
     sentence embeddings). Accepts the network's `prompts`/`responses`/`ground_truths`
     and its Python helper's `questions`/`answers`."""
-    return score_pairs(body, request.app.state.web)
+    ctx = request.app.state.web
+    return score_pairs(body, ctx, spend=ctx.limits.spender(request, who))
