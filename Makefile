@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # 0.003 nats per token, measured), so build for AVX2 without AMX.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup setup-browser demo test test-slow calibrate bench
+.PHONY: setup setup-browser setup-tools demo test test-slow calibrate bench
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: pyproject.toml Makefile
@@ -19,7 +19,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip show llama-cpp-python 2>/dev/null | grep -q '^Version: 0.3.16$$' || \
 		CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python==0.3.16"
-	$(BIN)/pip install -q -e ".[test,bench]"
+	# Every extra: the daemon (core), web, demo, bench, gpu and the tests' own.
+	$(BIN)/pip install -q -e ".[web,demo,bench,gpu,test]"
 	touch $@
 
 demo: setup
@@ -32,7 +33,14 @@ setup-browser:
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: setup setup-browser
+# Tools the tests run on what `validator init` writes: promtool (Debian's prometheus
+# package) checks the alert and recording rules, systemd-analyze the units.
+setup-tools:
+	command -v promtool >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus systemd >/dev/null; }
+
+test: setup setup-browser setup-tools
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: setup

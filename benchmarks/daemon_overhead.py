@@ -146,7 +146,8 @@ def count_statements(engine) -> dict[str, int]:
 
 
 def score_without_model(daemon: Daemon) -> int:
-    """Daemon.score_batch with a constant verdict in place of run_audit, until the queue is empty."""
+    """Daemon.score_batch with a constant verdict in place of the reference model, until
+    the queue is empty."""
     cfg, store, answers = daemon.config.scoring, daemon.store, 0
     while rows := store.claim_unscored(daemon.owner, cfg.batch, cfg.lease_s):
         for r in rows:

@@ -9,9 +9,9 @@ millions. Per backend and history length, in one process, best of `--repeat` run
   - full rows (baseline): the host's answers read as `Store.host_scores` gives them
     (messages, settings, the answer's text, the score's reasons and metrics) and turned
     into reputation outcomes, as the refresh read them before 2026-11-28;
-  - narrow: `validator.daemon.outcomes` (`Store.host_outcomes`: only the columns
+  - narrow: `validator.service.operations.outcomes` (`Store.host_outcomes`: only the columns
     reputation uses);
-  - refresh: the whole `refresh_reputation` (narrow read, evidence, components, the
+  - refresh: the whole `Service.refresh_reputation` (narrow read, evidence, components, the
     stored score);
 - scoring queue, every `scoring.interval_s` (10 s) while there is work:
   - scan (baseline): the claim's SELECT as it was before 2026-11-28: every answer in
@@ -70,7 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon_overhead import scratch_postgresql  # noqa: E402  (this folder is on sys.path)
-from validator.daemon import outcomes, refresh_reputation  # noqa: E402
+from validator.models.registry import Registry  # noqa: E402
+from validator.service.operations import Service, outcomes  # noqa: E402
 from validator.reputation import Outcome, ReputationConfig  # noqa: E402
 from validator.store import (  # noqa: E402
     SCORING_LATENCY_BUCKETS, Dispatch, Host, Probe, Score, Store, latency_bucket, upgrade,
@@ -223,7 +224,8 @@ def bench_backend(url: str, sizes: list[int], repeat: int, records: list[dict]) 
             t["narrow_s"], narrow = best(lambda: outcomes(store, HOST), repeat)
             if narrow != full:
                 raise SystemExit(f"{n} answers: the narrow read differs from the full rows")
-            t["refresh_s"], _ = best(lambda: refresh_reputation(store, HOST, config), repeat)
+            service = Service(store, Registry.load(), config)
+            t["refresh_s"], _ = best(lambda: service.refresh_reputation(HOST), repeat)
             t["scan_s"], scanned = best(lambda: scan_for_unscored(store, "bench"), min(2, repeat))
             t["claim_s"], claimed = best(lambda: store.claim_unscored("bench", QUEUE, 600), repeat)
             if sorted(d["probe_id"] for d in claimed) != sorted(r[0].probe_id for r in scanned):

@@ -84,7 +84,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from validator.scoring.batch import parse_line, probe_seed, run_audit  # noqa: E402
+from validator.scoring.batch import parse_line, rerun_seed  # noqa: E402
+from validator.service.audit import run_audit  # noqa: E402
+from validator.service.scorer import Scorer  # noqa: E402
 from validator.scoring.reference import ReferenceModel  # noqa: E402
 from validator.models.registry import Registry  # noqa: E402
 from validator.models.sampling import Settings  # noqa: E402
@@ -170,7 +172,7 @@ class Runs:
 
 # -- the paths ----------------------------------------------------------------------
 def aligned(ref: ReferenceModel, registry: Registry, lines: list[str]) -> list[dict]:
-    outputs, _ = run_audit(lines, registry, rerun=False, models={MODEL: ref},
+    outputs, _ = run_audit(lines, Scorer(registry, models={MODEL: ref}), rerun=False,
                            on_error=lambda m: print(m, file=sys.stderr))
     bad = [o for o in outputs if o["verdict"] == "error"]
     if bad:
@@ -184,7 +186,7 @@ def regenerate(ref: ReferenceModel, jobs: list[tuple], lengths: list[int]) -> li
     forced = copy.copy(ref)
     forced.eos_ids = []
     settings = [dataclasses.replace(s, max_tokens=max(1, n)) for (_, _, s), n in zip(jobs, lengths)]
-    seeds = [probe_seed(r["messages"], s) for r, _, s in jobs]  # the audit's re-run seed
+    seeds = [rerun_seed(r["messages"], s) for r, _, s in jobs]  # the audit's re-run seed
     return forced.generate([p for _, p, _ in jobs], settings, seeds)
 
 
@@ -257,8 +259,8 @@ def main() -> None:
     meter = DecoderMeter(ref)
     jobs = []
     for line in lines:
-        record, settings = parse_line(line)
-        jobs.append((json.loads(line), ref.prompt_ids(record.model_dump()["messages"]), settings))
+        record = parse_line(line)
+        jobs.append((json.loads(line), ref.prompt_ids(record.messages), record.settings))
     # Answers to one prompt side by side, as `run_audit` orders them before chunking (so
     # that a chunk computes each prompt once); every path gets the same chunks.
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][1])

@@ -25,8 +25,8 @@ from .answers import load_or_generate  # noqa: E402
 MODEL = "smollm2-135m"
 HONEST_PROMPTS = 38  # x (greedy + sampled) x 4 honest hosts = 304 honest answers
 CHEAT_ANSWERS = 20  # every cheat must be caught within this many answers
-# Cheats that need a model to answer get fewer: each was caught within 2 (README,
-# detection table), and generating answers is most of the test run's time. Truncated
+# Cheats that need a model to answer get fewer: each was caught within 2 (see
+# benchmarks/README.md), and generating answers is most of the test run's time. Truncated
 # and replayed answers come free from the honest ones and keep all 20.
 GENERATED_CHEAT_ANSWERS = 12
 
@@ -116,3 +116,37 @@ def fresh_postgres_database():
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_db():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with fresh_postgres_database() as name:
+        yield name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """An empty database of each backend."""
+    import psycopg
+
+    from validator.store import Store
+
+    if request.param == "sqlite":
+        return Store.default_url(tmp_path / "state" / "validator.db")
+    db = request.getfixturevalue("pg_db")
+    with psycopg.connect(PG_ADMIN.format(db=db), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    return PG_URL.format(db=db)
+
+
+@pytest.fixture
+def store(url):
+    """A migrated, empty store of each backend."""
+    from validator.store import Store, upgrade
+
+    upgrade(url)
+    s = Store(url)
+    yield s
+    s.close()

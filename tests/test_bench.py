@@ -23,10 +23,12 @@ from typer.testing import CliRunner
 from validator.bench.runner import run_bench
 from validator.cli import app
 
+from validator.configs import shipped
+
 from .conftest import MODEL
 from .test_simulator import start_simulator, stop_simulator
 
-SUITES = Path(__file__).resolve().parent.parent / "configs" / "suites"
+SUITES = shipped("suites")
 NETWORK = {"model": MODEL, "hosts": [
     {"name": "honest", "strategy": "honest-transformers"},
     {"name": "ignored", "strategy": "settings-ignored"},  # samples at T=1, no top-k/top-p, always

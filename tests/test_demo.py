@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from validator.cli import app
-from validator.models.registry import REPO_ROOT
+from validator.configs import shipped
 
 HOSTS = [
     {"name": "honest-llama-cpp", "strategy": "honest-llama.cpp"},
@@ -43,7 +43,7 @@ def demo_db(tmp_path_factory, hosts):  # `hosts` loads the engines the simulated
     tmp = tmp_path_factory.mktemp("demo")
     network = tmp / "network.yaml"
     network.write_text(yaml.safe_dump({"model": "smollm2-135m", "hosts": HOSTS}))
-    demo = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())
+    demo = yaml.safe_load(shipped("demo.yaml").read_text())
     demo.update(network=str(network), rounds=2, database=str(tmp / "demo.db"))
     config = tmp / "demo.yaml"
     config.write_text(yaml.safe_dump(demo))
@@ -78,7 +78,7 @@ def test_demo_rounds_are_numbered_from_the_config_so_probes_repeat(demo_db):
     from validator.probing.probes import derive_probes, load_bank, load_mix
 
     db, _ = demo_db
-    demo = yaml.safe_load((REPO_ROOT / "configs/demo.yaml").read_text())
+    demo = yaml.safe_load(shipped("demo.yaml").read_text())
     assert demo["first_round"] == 1
     cfg = ValidatorConfig.model_validate({**demo["validator"], "hosts": []})
     bank, mix = load_bank(cfg.prompts), load_mix(cfg.settings_mix)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from validator.scoring.batch import run_audit
+from validator.service.audit import run_audit
+from validator.service.scorer import Scorer
 from validator.reputation import HostRule, host_verdict
 
 from .conftest import CHEAT_ANSWERS, MODEL
@@ -18,7 +19,7 @@ def _audit(records, registry, ref):
     import json
 
     # The re-run only feeds similarity metrics (checked in test_audit_cli); verdicts do not use it.
-    lines, hosts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref}, rerun=False)
+    lines, hosts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={MODEL: ref}), rerun=False)
     return lines, hosts
 
 

@@ -18,16 +18,17 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from validator.daemon import Daemon, outcomes
+from validator.daemon import Daemon
 from validator.models.sampling import Settings
 from validator.network.simulator import NetworkConfig, SimulatedNetwork
 from validator.probing.client import Err
 from validator.reputation import ReputationConfig, components
 from validator.service.config import ValidatorConfig
+from validator.service.credentials import env_name
+from validator.service.operations import outcomes
 from validator.store import Dispatch, Host, HostRound, Probe, Score, Store
 
 from .conftest import MODEL, PG_URL, fresh_postgres_database
-from .test_store import pg_db, store, url  # noqa: F401 - fixtures: both backends
 
 
 # ------------------------------------------------------------------ the store
@@ -47,7 +48,7 @@ def _stored(store, pid: str):
         return s.scalars(select(Dispatch).where(Dispatch.probe_id == pid)).one()
 
 
-def test_a_served_by_longer_than_its_column_is_stored_cut_with_a_marker(store):
+def test_a_served_by_longer_than_its_column_is_stored_cut_with_a_marker(store):  # both backends
     """300 characters into String(256) failed the insert on PostgreSQL (and so the round)."""
     pid = _one_probe(store)
     served_by = "gpu-" + "h" * 296
@@ -137,8 +138,15 @@ def database(request, tmp_path):
         yield PG_URL.format(db=name)
 
 
+def with_tokens(monkeypatch, names) -> None:
+    """The simulated hosts want a bearer token, any one: the validator's own credentials."""
+    for name in names:
+        monkeypatch.setenv(env_name(name, "token"), f"token-{name}")
+
+
 def test_a_round_with_hostile_hosts_probes_records_and_scores_everyone(
-        hostile_network, canary, database, ref, registry):
+        hostile_network, canary, database, ref, registry, monkeypatch):
+    with_tokens(monkeypatch, [*NETWORK, BAD_URL])
     config = ValidatorConfig.model_validate({
         "database": database, "secret": "hostile-round", "prompts": "configs/prompts/general.yaml",
         "rounds": {"interval_s": 1e9, "jitter_s": 0, "spread_s": 0, "probes_per_host": PROBES,
@@ -206,7 +214,7 @@ def test_a_round_with_hostile_hosts_probes_records_and_scores_everyone(
     print(f"{database.split(':')[0]}: one hostile round, scored, in {took:.1f} s")
 
 
-def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tmp_path):
+def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tmp_path, monkeypatch):
     """A bank prompt our own client refuses (a role the API does not have) raises in the
     daemon: the host's other probes are still answered and stored, the refused one is
     recorded as client_bug, and the round is closed for the host."""
@@ -216,6 +224,7 @@ def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tm
         {"id": "bad-role", "messages": [{"role": "tool", "content": "{}"}]},
         {"id": "good-2", "messages": [{"role": "user", "content": "Name a colour."}]}]}))
     url = Store.default_url(tmp_path / "v.db")
+    with_tokens(monkeypatch, ["s"])
     net = SimulatedNetwork(NetworkConfig.model_validate({"hosts": [{"name": "s", "strategy": "static"}]}))
     with net:
         config = ValidatorConfig.model_validate({

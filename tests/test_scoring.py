@@ -11,7 +11,7 @@ from validator.scoring.align import AlignItem, Aligner
 from validator.reputation import HostRule, fisher, host_verdict
 from validator.probing.probes import load_bank
 from validator.models.sampling import Settings
-from validator.scoring.verdict import Tolerances, score
+from validator.scoring.verdict import Tolerances, score_answer
 from validator.scoring.similarity import similarity
 
 from .answers import reference_generations
@@ -36,7 +36,7 @@ def own_samples(ref):
 def _scores(ref, tolerances, prompts, texts, settings):
     als = Aligner(ref).align([AlignItem(p, t, settings, support_tolerance=tolerances.support_gap)
                               for p, t in zip(prompts, texts)])
-    return [score(al, settings, ref.table, tolerances) for al in als]
+    return [score_answer(al, settings, ref.table, tolerances) for al in als]
 
 
 def test_statistic_is_centred_for_honest_sampling(ref, tolerances, own_samples):

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from validator.scoring.batch import run_audit
+from validator.service.audit import run_audit
+from validator.service.scorer import Scorer
 from validator.probing.client import Err, FlexstackClient, Timeouts
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
 from validator.models.sampling import Settings
@@ -359,7 +360,7 @@ def test_simulated_hosts_pass_or_fail_audit(model_network, registry, ref):
 
     import json
     records = asyncio.run(main())
-    lines, verdicts = run_audit((json.dumps(r) for r in records), registry, models={MODEL: ref},
+    lines, verdicts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={MODEL: ref}),
                                 rerun=False)
     for name in AUDITED:
         got = verdicts[name]

@@ -7,47 +7,18 @@ from __future__ import annotations
 import multiprocessing
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text, update
 
-from .conftest import PG_ADMIN, PG_URL, fresh_postgres_database
 from validator.store import (
     Base, Dispatch, HostRound, Score, Store, alembic_config, engine_for, upgrade,
 )
 
 TABLES = {"hosts", "probes", "dispatches", "scores", "host_rounds", "reputation_events",
-          "feedback", "validators", "api_tokens", "tallies", "alembic_version"}
-
-
-@pytest.fixture(scope="session")
-def pg_db():
-    """A fresh PostgreSQL database for this test session, dropped afterwards."""
-    with fresh_postgres_database() as name:
-        yield name
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    """An empty database of each backend."""
-    if request.param == "sqlite":
-        return Store.default_url(tmp_path / "state" / "validator.db")
-    db = request.getfixturevalue("pg_db")
-    with psycopg.connect(PG_ADMIN.format(db=db), autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    return PG_URL.format(db=db)
-
-
-@pytest.fixture
-def store(url):
-    upgrade(url)
-    s = Store(url)
-    yield s
-    s.close()
+          "feedback", "validators", "api_tokens", "tallies", "provenances", "alembic_version"}
 
 
 def call(**fields):
@@ -496,7 +467,7 @@ def test_host_scores_and_feedback(store):
 def test_host_outcomes_are_the_reputation_columns_of_host_scores(store):
     """The narrow read the daemon's reputation refresh uses gives, row for row and in the
     same order, what the full rows hold: scored, unscorable, unscored and failed calls."""
-    from validator.daemon import outcomes
+    from validator.service.operations import outcomes
 
     store.add_host("h", "http://h", "smollm2-135m")
     store.add_host("other", "http://o", "smollm2-135m")

@@ -20,8 +20,20 @@ app = typer.Typer(help="Referee for a decentralised LLM network.", no_args_is_he
 err = Console(stderr=True)
 
 
-@app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens.")):
+def _version(value: bool) -> None:
+    if value:
+        from validator import __version__
+
+        print(f"validator {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog="Exit statuses: 0 done; 1 an unexpected error; 2 a usage error (bad option, "
+                     "config or input, unknown host or database; the message says which); "
+                     "130 interrupted. docs/production.md lists them per command.")
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens."),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Model loading chatter (progress bars, deprecation notes) is not for the operator.
@@ -33,42 +45,54 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what h
 @app.command()
 def audit(
     records: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of recorded answers."),
-    out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Write one scored line per input line here (JSONL), "
+                             "each as soon as it is scored."),
     hosts_out: Optional[Path] = typer.Option(None, "--hosts-out", help="Write per-host verdicts here (JSON)."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default configs/models.yaml)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model registry (default: the shipped configs/models.yaml)."),
     alpha: float = typer.Option(1e-4, help="Host false-alarm level: dishonest when the combined p-value is below."),
     no_rerun: bool = typer.Option(False, "--no-rerun", help="Skip the reference re-run (no similarity metrics)."),
 ):
-    """Score recorded answers against the reference model of the model each claims."""
-    from validator.scoring.batch import run_audit
-    from validator.reputation import HostRule
-    from validator.models.registry import Registry
+    """Score recorded answers against the reference model of the model each claims.
 
-    registry = Registry.load(models)
+    Exit status: 0 every line scored; 1 some lines are `error` lines (malformed, or not
+    scorable here; each says why); 2 bad arguments; 130 interrupted (the lines scored
+    so far are in --out)."""
+    from validator.models.registry import Registry
+    from validator.reputation import HostRule
+    from validator.service.audit import HostTally, audit_lines
+    from validator.service.scorer import Scorer
+
+    if not (0.0 < alpha < 1.0):
+        raise typer.BadParameter("alpha must be between 0 and 1", param_hint="--alpha")
+    scorer = Scorer(Registry.load(models))
     started = time.perf_counter()
-    errors = 0
+    tally, errors, written = HostTally(HostRule(alpha=alpha)), 0, 0
 
     def on_error(message: str) -> None:
-        nonlocal errors
-        errors += 1
         err.print(f"[yellow]warning[/yellow] {message}", highlight=False)
 
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=not err.is_terminal, transient=True) as bar:
-        task = bar.add_task("scoring", total=None)
-        with records.open(encoding="utf-8", errors="replace") as fh:
-            lines, hosts = run_audit(fh, registry, host_rule=HostRule(alpha=alpha), rerun=not no_rerun,
-                                     on_error=on_error,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as fh:
-        for line in lines:
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    interrupted = False
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=not err.is_terminal, transient=True) as bar, \
+            records.open(encoding="utf-8", errors="replace") as fh, out.open("w") as sink:
+        task = bar.add_task("scoring", total=None)
+        try:
+            for line in audit_lines(fh, scorer, rerun=not no_rerun, on_error=on_error,
+                                    progress=lambda done: bar.update(task, completed=done)):
+                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+                sink.flush()
+                written += 1
+                errors += line["verdict"] == "error"
+                tally.add(line)
+        except KeyboardInterrupt:
+            interrupted = True
+    hosts = tally.hosts()
     if hosts_out:
         hosts_out.parent.mkdir(parents=True, exist_ok=True)
         hosts_out.write_text(json.dumps(hosts, indent=2) + "\n")
 
-    table = Table(title=f"{len(lines) - errors} answers scored in {time.perf_counter() - started:.0f} s")
+    table = Table(title=f"{written - errors} answers scored in {time.perf_counter() - started:.0f} s")
     for col in ("host", "verdict", "records", "failed", "p-value"):
         table.add_column(col)
     colours = {"honest": "green", "dishonest": "red", "inconclusive": "yellow"}
@@ -76,8 +100,12 @@ def audit(
         table.add_row(host, f"[{colours[h['verdict']]}]{h['verdict']}[/]", str(h["records"]),
                       str(h["failed"]), f"{h['p_value']:.2g}")
     Console(stderr=not sys.stdout.isatty()).print(table) if hosts else None
+    if interrupted:
+        err.print(f"interrupted: {written} lines scored are in {out}")
+        raise typer.Exit(130)
     if errors:
-        err.print(f"{errors} bad line(s); see the 'error' lines in {out}")
+        err.print(f"{errors} line(s) could not be scored; see the 'error' lines in {out}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -146,17 +174,19 @@ app.add_typer(db_app, name="db")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(probes_app, name="probes")
 
-CONFIG = typer.Option(None, "--config", "-c", help="Validator config (default configs/validator.yaml).")
+CONFIG = typer.Option(None, "--config", "-c", envvar="VALIDATOR_CONFIG",
+                      help="Validator config (default: the shipped example configs/validator.yaml); "
+                           "VALIDATOR_* variables override its keys.")
 DB = typer.Option(None, "--db", help="Database file or SQLAlchemy URL (default: the config's).")
 STATE_COLOURS = {"new": "cyan", "trusted": "green", "probation": "yellow", "flagged": "red",
                  "disabled": "dim"}
 
 
-def _config(config: Optional[Path]):
+def _config(config: Optional[Path], db: Optional[str] = None):
     from validator.service.config import ValidatorConfig
 
     try:
-        return ValidatorConfig.load(config)
+        return ValidatorConfig.load(config, database=db)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
 
@@ -181,24 +211,23 @@ def _open_store(config: Optional[Path], db: Optional[str], *, create: bool = Fal
     return Store(url)
 
 
+def _service(config: Optional[Path], db: Optional[str], *, create: bool = False):
+    """The service over the store, with the config's registry and reputation settings."""
+    from validator.models.registry import Registry
+    from validator.reputation import ReputationConfig
+    from validator.service.operations import Service
+
+    cfg = _config(config)
+    try:
+        reputation = ReputationConfig.from_dict(cfg.reputation)
+        registry = Registry.load(cfg.models)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+    return Service(_open_store(config, db, create=create), registry, reputation)
+
+
 def _when(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
-
-
-def host_rows(store, include_removed: bool = False) -> list[dict]:
-    """`validator hosts list --json` objects (also what `validator demo --json` prints
-    and the REST API's /api/hosts serves)."""
-    stats = store.host_stats()
-    out = []
-    for h in store.list_hosts(include_removed=include_removed):
-        st = stats.get(h["name"], {})
-        out.append({"host": h["name"], "state": h["state"], "score": h["score"],
-                    "probes": st.get("answered", 0),  # sent and recorded, answered or not
-                    "errors": st.get("failed", 0), "scored": st.get("scored", 0),
-                    "url": h["url"], "model": h["model"],
-                    "last_seen": h["last_seen"].isoformat() if h["last_seen"] else None,
-                    "flagged_since": h["flagged_since"].isoformat() if h["flagged_since"] else None})
-    return out
 
 
 def print_hosts(rows: list[dict], reasons: dict[str, str] | None = None) -> None:
@@ -225,17 +254,20 @@ def db_upgrade(config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Create or migrate the database to the current schema (a no-op when current)."""
     from validator.store import upgrade
 
+    from validator.service.config import redact_url
+
     url = _db_url(config, db)
     upgrade(url)
-    err.print(f"database at head: {url}")
+    err.print(f"database at head: {redact_url(url)}")
 
 
 @hosts_app.command("list")
 def hosts_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
                as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
     """Every host: state, score, probes, last seen, flagged since."""
-    store = _open_store(config, db)
-    rows = host_rows(store)
+    from validator.service.reads import host_rows
+
+    rows = host_rows(_open_store(config, db))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -244,13 +276,26 @@ def hosts_list(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
 
 @hosts_app.command("show")
 def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB,
-               recent: int = typer.Option(10, help="How many recent answers to show.")):
+               recent: int = typer.Option(10, help="How many recent answers to show."),
+               as_json: bool = typer.Option(False, "--json", help="Print one JSON object: the host, "
+                                            "its state history, recent answers and feedback.")):
     """One host: standing, state history with its evidence, recent verdicts with reasons."""
     store = _open_store(config, db)
     h = store.get_host(host)
     if h is None:
         err.print(f"[red]no host named {host!r}[/]")
         raise typer.Exit(2)
+    if as_json:
+        answers = [{"probe_id": r["probe"]["id"], "round": r["probe"]["round"],
+                    **{k: r["dispatch"][k] for k in ("finished_at", "ok", "error", "detail", "status",
+                                                     "ttfb_s", "total_s", "served_by")},
+                    **({k: r["score"][k] for k in ("verdict", "p_value", "reasons")} if r["score"]
+                       else {"verdict": None, "p_value": None, "reasons": []})}
+                   for r in store.host_scores(host, limit=recent)]
+        print(json.dumps({"host": {k: v for k, v in h.items() if k != "token_env"},
+                          "history": store.reputation_events(host), "answers": answers,
+                          "feedback": store.feedback_for(host)}, indent=2, default=str))
+        return
     console = Console()
     score = "-" if h["score"] is None else f"{h['score']:.3f}"
     console.print(f"[bold]{h['name']}[/]  {h['url']}  model {h['model']}  "
@@ -263,11 +308,19 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
         history.add_row(_when(e["at"]), f"{e['state_from']} -> {e['state_to']}",
                         "-" if e["score"] is None else f"{e['score']:.2f}", e["reason"])
     console.print(history)
+    from validator.service.provenance import describe
+
     answers = Table(title=f"last {recent} answers")
-    for col in ("probe", "round", "finished", "result", "p-value", "why"):
+    for col in ("probe", "round", "finished", "result", "p-value", "scored by", "why"):
         answers.add_column(col, overflow="fold")
+    producers: list[dict | None] = []  # distinct provenances, numbered in order of appearance
     for r in store.host_scores(host, limit=recent):
         d, sc = r["dispatch"], r["score"]
+        by = "-"
+        if sc is not None:
+            if sc["provenance"] not in producers:
+                producers.append(sc["provenance"])
+            by = f"[{producers.index(sc['provenance']) + 1}]"
         if not d["ok"]:
             result, p, why = f"[red]{d['error']}[/]", "-", d["detail"][:160]
         elif sc is None:
@@ -277,8 +330,10 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
             result = f"[{colour}]{sc['verdict']}[/]"
             p = "-" if sc["p_value"] is None else f"{sc['p_value']:.2g}"
             why = "; ".join(sc["reasons"][:2])
-        answers.add_row(r["probe"]["id"], str(r["probe"]["round"]), _when(d["finished_at"]), result, p, why)
+        answers.add_row(r["probe"]["id"], str(r["probe"]["round"]), _when(d["finished_at"]), result, p, by, why)
     console.print(answers)
+    for i, body in enumerate(producers, start=1):
+        console.print(f"[{i}] {describe(body)}", highlight=False)
     feedback = store.feedback_for(host)
     if feedback:
         console.print("feedback: " + "; ".join(f"{f['rating']:g} ({f['note']})" for f in feedback[:5]))
@@ -286,13 +341,21 @@ def hosts_show(host: str, config: Optional[Path] = CONFIG, db: Optional[str] = D
 
 @hosts_app.command("add")
 def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry name of the model it claims."),
-              token_env: Optional[str] = typer.Option(None, help="Environment variable with its bearer token."),
+              credentials: Optional[str] = typer.Option(
+                  None, help="Credentials key KEY (default: the host's name): VALIDATOR_CRED_<KEY>_TOKEN "
+                             "etc., or the secrets file's entry (docs/production.md, Credentials)."),
               config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Add a host (or bring back a removed one with its history)."""
-    store = _open_store(config, db, create=True)
+    import re
+
+    from validator.service.config import CREDENTIALS_KEY
+
+    if credentials is not None and not re.match(CREDENTIALS_KEY, credentials):
+        raise typer.BadParameter("letters, digits, '.', '_' and '-', at most 64", param_hint="--credentials")
+    service = _service(config, db, create=True)
     try:
-        store.add_host(name, url, model, token_env=token_env)
-    except ValueError as exc:
+        service.add_host(name, url, model, token_env=credentials)  # the column holds the key
+    except ValueError as exc:  # a live host has the name, or the registry has no such model
         raise typer.BadParameter(str(exc)) from None
     err.print(f"added {name} ({url}, {model})")
 
@@ -300,29 +363,26 @@ def hosts_add(name: str, url: str, model: str = typer.Option(..., help="Registry
 @hosts_app.command("remove")
 def hosts_remove(name: str, config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Stop probing a host and hide it from lists; its history stays."""
-    store = _open_store(config, db)
+    from validator.service.operations import UnknownHost
+
     try:
-        store.remove_host(name)
-    except ValueError as exc:
+        _service(config, db).remove_host(name)
+    except (UnknownHost, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     err.print(f"removed {name}")
 
 
-def _admin(name: str, verb: str, note: str, config, db) -> None:
-    from datetime import datetime, timezone
+def _admin(name: str, action: str, note: str, config, db) -> None:
+    from validator.reputation import InvalidTransition
+    from validator.service.operations import StateChanged, UnknownHost
 
-    from validator import reputation
-
-    store = _open_store(config, db)
-    h = store.get_host(name)
-    if h is None:
-        raise typer.BadParameter(f"no host named {name!r}")
     try:
-        t = getattr(reputation, verb)(h["state"], at=datetime.now(timezone.utc),
-                                      by=os.environ.get("USER", "admin"), note=note)
-    except reputation.InvalidTransition as exc:
+        t = _service(config, db).transition(name, action, by=os.environ.get("USER", "admin"), note=note)
+    except (UnknownHost, InvalidTransition) as exc:
         raise typer.BadParameter(str(exc)) from None
-    store.set_state(name, t.state_to, evidence=t.evidence, reason=t.reason)
+    except StateChanged as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(3)
     err.print(f"{name}: {t.state_from} -> {t.state_to}")
 
 
@@ -352,20 +412,16 @@ def feedback(probe_id: str, rating: float = typer.Option(..., help="1 (bad) to 5
              note: str = typer.Option("", help="What the reviewer saw."),
              config: Optional[Path] = CONFIG, db: Optional[str] = DB):
     """Record a person's rating of one answer; it is folded into the host's score."""
-    from validator.daemon import refresh_reputation
-    from validator.reputation import ReputationConfig
+    from validator.service.operations import UnknownProbe
 
-    if not 1 <= rating <= 5:
-        raise typer.BadParameter("rating must be between 1 and 5", param_hint="--rating")
-    store = _open_store(config, db)
-    probe = store.probe(probe_id)
-    if probe is None:
-        raise typer.BadParameter(f"no probe {probe_id!r}")
-    store.add_feedback(probe_id, rating, note)
-    refresh_reputation(store, probe["host"], ReputationConfig.from_dict(_config(config).reputation))
-    h = store.get_host(probe["host"])
-    err.print(f"feedback stored for {probe['host']}; score now "
-              f"{'-' if h['score'] is None else format(h['score'], '.3f')}")
+    try:
+        stored = _service(config, db).add_feedback(probe_id, rating, note)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rating") from None
+    except UnknownProbe as exc:
+        raise typer.BadParameter(str(exc)) from None
+    err.print(f"feedback stored for {stored['host']}; score now "
+              f"{'-' if stored['score'] is None else format(stored['score'], '.3f')}")
 
 
 @app.command()
@@ -405,6 +461,7 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
     """The probes a host gets in a round (derived from the secret: reproducible here,
     unpredictable to hosts)."""
     from validator.probing.probes import derive_probes, load_bank, load_mix
+    from validator.scoring.batch import rerun_seed
 
     cfg = _config(config)
     try:
@@ -420,13 +477,13 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
         c = p.configs
         console.print(f"[bold]{p.id}[/] #{p.index} prompt {p.prompt_id} "
                       f"{'stream' if p.stream else 'plain'} T={c['temperature']} top_k={c['top_k']} "
-                      f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {p.seed})")
+                      f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {rerun_seed(p.messages, p.wire_settings)})")
         for m in p.messages:
             console.print(f"  [dim]{m['role']}:[/] {m['content']}", highlight=False)
 
 
 @app.command()
-def run(config: Optional[Path] = CONFIG,
+def run(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         rounds: Optional[int] = typer.Option(None, help="Stop after this many rounds (default: run until SIGTERM)."),
         instance: Optional[str] = typer.Option(None, help="Instance name in leases (overrides the config).")):
     """The daemon: probe rounds, scoring and reputation until SIGTERM/SIGINT (drains first)."""
@@ -434,7 +491,7 @@ def run(config: Optional[Path] = CONFIG,
 
     from validator.daemon import Daemon
 
-    cfg = _config(config)
+    cfg = _config(config, db)
     if instance:
         cfg.instance = instance
     logging.getLogger("validator").setLevel(logging.INFO)
@@ -467,6 +524,7 @@ def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         validators.append({**v, "state": state, "heartbeat_age_s": round(age, 1),
                            "leases": held["leases"] if held else 0})
     st["validators"] = validators
+    st["validator_errors"] = _validator_errors(store)
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return
@@ -482,24 +540,26 @@ def status(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
                       f"{v['leases']} live leases")
     if not validators:
         console.print("no validator has run against this database")
+    for error, e in st["validator_errors"].items():
+        last = e["last"][0]
+        console.print(f"[red]validator error {error}[/]: {e['count']} calls (not charged to the hosts); "
+                      f"last {_when(last['finished_at'])} with {last['host']}: {last['detail'][:200]}",
+                      highlight=False)
+        console.print("  the validator's own credentials were refused: check its VALIDATOR_CRED_* "
+                      "variables or secrets file (docs/production.md, Credentials)", highlight=False)
 
 
-def host_reasons(store) -> dict[str, str]:
-    """Why each host stands where it does: its last state change, else its answers so far."""
-    from collections import Counter
+def _validator_errors(store) -> dict:
+    """Calls that failed on the validator's side (reputation.VALIDATOR_ERRORS), per class:
+    how many, by host, and the newest few."""
+    from validator.reputation import VALIDATOR_ERRORS
 
     out = {}
-    for h in store.list_hosts():
-        events = store.reputation_events(h["name"], limit=1)
-        if events and events[0]["reason"]:
-            out[h["name"]] = events[0]["reason"]
-            continue
-        rows = store.host_scores(h["name"])
-        errors = Counter(r["dispatch"]["error"] for r in rows if not r["dispatch"]["ok"])
-        verdicts = Counter(r["score"]["verdict"] for r in rows if r["score"])
-        parts = [f"{n} {v}" for v, n in verdicts.most_common()]
-        parts += [f"{n} x {e}" for e, n in errors.most_common()]
-        out[h["name"]] = ", ".join(parts) or "no answers yet"
+    for error in sorted(VALIDATOR_ERRORS):
+        by_host = {host: n for host, e, n in store.dispatch_counts() if e == error}
+        if by_host:
+            out[error] = {"count": sum(by_host.values()), "hosts": by_host,
+                          "last": store.last_errors(error)}
     return out
 
 
@@ -516,12 +576,12 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
 
     from validator.service.config import HostEntry, ValidatorConfig
     from validator.daemon import Daemon
-    from validator.models.registry import REPO_ROOT
+    from validator.configs import resolve
     from validator.network.simulator import NetworkConfig, SimulatedNetwork
     from validator.store import Store
+    from validator.service.reads import host_reasons, host_rows
 
-    path = config if config.exists() or config.is_absolute() else REPO_ROOT / config
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(resolve(config).read_text())
     network = NetworkConfig.load(raw["network"])
     n_rounds = rounds or int(raw.get("rounds", 3))
     db = Path(raw.get("database", "demo.db")).expanduser().resolve()
@@ -654,6 +714,7 @@ def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
 
     from validator.models.registry import Registry
     from validator.reputation import ReputationConfig
+    from validator.service.config import redact_url
     from validator.web.app import create_app
 
     cfg = _config(config)
@@ -667,7 +728,7 @@ def serve(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     store = _open_store(config, db)
     app_ = create_app(store, settings, registry=registry, reputation=reputation)
-    err.print(f"serving {store.url} on http://{settings.host}:{settings.port}: dashboard /hosts, "
+    err.print(f"serving {redact_url(store.url)} on http://{settings.host}:{settings.port}: dashboard /hosts, "
               f"API docs /docs, metrics /metrics ({'public' if settings.public_reads else 'token'} reads)",
               highlight=False)
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info", access_log=False)
@@ -717,12 +778,41 @@ def tokens_revoke(token_id: int = typer.Argument(..., help="The token's id (`val
     err.print(f"token {token_id} revoked")
 
 
-@app.command("models")
-def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry.")):
-    """List the model registry."""
-    from validator.models.registry import Registry
+@app.command()
+def init(directory: Path = typer.Argument(..., help="Directory to write into (created)."),
+         user: Optional[str] = typer.Option(None, help="User the systemd units run as (default: you)."),
+         instance: Optional[str] = typer.Option(None, help="This validator's instance name (default: "
+                                                "the directory's name)."),
+         force: bool = typer.Option(False, "--force", help="Overwrite existing files (a new secret).")):
+    """Write a production skeleton: config, secrets (mode 0600), systemd units, Prometheus rules."""
+    from validator.deploy import init as write, next_steps
 
-    registry = Registry.load(models)
+    try:
+        written = write(directory, user=user, instance=instance, force=force)
+    except FileExistsError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2)
+    for path in written:
+        print(path)
+    err.print(next_steps(directory), highlight=False, soft_wrap=True)
+
+
+@app.command("models")
+def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
+                as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
+    """List the model registry."""
+    from validator.models.registry import Registry, RegistryError
+
+    try:
+        registry = Registry.load(models)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
+    if as_json:
+        print(json.dumps([{"model": name, "checkpoint": spec.checkpoint, "dtype": spec.dtype,
+                           "device": spec.device, "calibration": str(spec.calibration) if spec.calibration else None,
+                           "calibrated": bool(spec.calibration and spec.calibration.exists())}
+                          for name, spec in registry.models.items()], indent=2))
+        return
     table = Table()
     for col in ("model", "checkpoint", "dtype", "device", "calibrated"):
         table.add_column(col)

@@ -27,13 +27,12 @@ restarted) picks the work up.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
 import random
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,11 +40,15 @@ from typing import Callable
 import httpx
 from sqlalchemy.exc import IntegrityError
 
-from validator.probing.client import CallRecord, Err, FlexstackClient
-from validator.service.config import ValidatorConfig
-from validator.probing.probes import derive_probes, load_bank, load_mix
 from validator.models.registry import Registry
-from validator.reputation import Outcome, ReputationConfig, Transition, assess
+from validator.probing.client import Attribution, AuthSession, CallRecord, Err, FlexstackClient
+from validator.probing.probes import derive_probes, load_bank, load_mix
+from validator.reputation import ReputationConfig, Transition
+from validator.service.config import ValidatorConfig
+from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
+                                           read_secrets_file)
+from validator.service.operations import Service
+from validator.service.scorer import Scorer
 from validator.store import Store, upgrade
 
 log = logging.getLogger(__name__)
@@ -72,22 +75,26 @@ class Daemon:
         upgrade(config.database_url)
         self.store = store or Store(config.database_url)
         self.registry = registry or Registry.load(config.models)
-        self.models = models if models is not None else {}  # name -> ReferenceModel, loaded once
         self.bank = load_bank(config.prompts)
         self.mix = load_mix(config.settings_mix)
-        self.reputation = ReputationConfig.from_dict(config.reputation)
+        self.service = Service(self.store, self.registry, ReputationConfig.from_dict(config.reputation),
+                               Scorer(self.registry, models=models))
         self.progress = Progress()
         self.started_at = _now()
         self.on_event = on_event or (lambda message: log.info(message))
         self.stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
-        self._score_lock = threading.Lock()
-        self._reputation_lock = threading.Lock()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
+        # Credentials key -> (credentials, the session their clients share across rounds).
+        self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
+        self._secrets = self._read_secrets()  # an unreadable file stops the start
+        self.gateways = {h.name for h in config.hosts if h.gateway}
+        self.attribution = Attribution(config.attribution.header, config.attribution.body_field)
         for host in config.hosts:
             if self.store.get_host(host.name) is None:
                 try:
-                    self.store.add_host(host.name, host.url, host.model, token_env=host.token_env)
+                    # The store's token_env column holds the credentials key.
+                    self.store.add_host(host.name, host.url, host.model, token_env=host.credentials)
                 except (ValueError, IntegrityError):  # another validator added it just now
                     if self.store.get_host(host.name) is None:
                         raise
@@ -101,6 +108,10 @@ class Daemon:
         round_no = self.round_number() if round_no is None else round_no
         cfg = self.config.rounds
         probed, started = 0, time.monotonic()
+        try:  # rotated credentials are picked up without a restart
+            self._secrets = self._read_secrets()
+        except CredentialsError as exc:
+            self.on_event(f"{exc}; keeping the credentials read before")
         # A pool no larger than the probes in flight: httpcore scans its whole pool per
         # request, so twice the connections cost ~4x the CPU (benchmarks/daemon_overhead.py).
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
@@ -130,12 +141,13 @@ class Daemon:
             await asyncio.to_thread(self._record_host_failure, round_no, name, exc)
 
     def _record_host_failure(self, round_no: int, name: str, exc: Exception) -> None:
+        if self.stopping.is_set():  # probes left unsent by the stop are not failures: a restart sends them
+            return
         try:
             for probe in self.store.pending_probes(round_no, name):
                 self.store.record_dispatch(probe["id"], _failed_call(exc, "probing the host"), self.owner)
             self.update_reputation(name)
-            if not self.stopping.is_set():
-                self.store.finish_host_round(name, round_no, self.owner)
+            self.store.finish_host_round(name, round_no, self.owner)
         except Exception:  # noqa: BLE001 - e.g. the database is down: the lease runs out, retried then
             log.exception("round %s: host %s: its failure could not be recorded", round_no, name)
 
@@ -149,8 +161,9 @@ class Daemon:
         pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
         if pending and cfg.rounds.spread_s:
             await self._sleep(random.uniform(0, cfg.rounds.spread_s))
-        token = (os.environ.get(host["token_env"]) if host["token_env"] else None) or "validator"
-        client = FlexstackClient(host["url"], token=token, http=http, timeouts=cfg.client.timeouts())
+        client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
+                                 attribution=self.attribution, http=http, timeouts=cfg.client.timeouts())
+        gateway = name in self.gateways
 
         async def send(probe) -> bool:
             async with self._semaphore:
@@ -160,14 +173,22 @@ class Daemon:
                 record = await client.complete(probe.messages, probe.wire_settings,
                                                model=host["model"], stream=probe.stream)
             # Committed before anything else looks at it: a crash after this loses nothing.
-            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner):
+            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner,
+                                       served_host=record.served_by if gateway else None):
                 self.progress.answered += record.ok
             return record.ok
 
+        # A round slower than the lease must keep it, or another validator re-sends the probes.
         # A probe that raises leaves the others to finish and be stored; then the host's
         # handler (_probe_host_isolated) records it.
-        answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
-                                        return_exceptions=True)
+        renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
+        try:
+            answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
+                                            return_exceptions=True)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
         failed = [r for r in answered if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
@@ -177,6 +198,32 @@ class Daemon:
         await asyncio.to_thread(self.update_reputation, name)
         if not self.stopping.is_set():
             await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+
+    def _read_secrets(self) -> dict:
+        path = self.config.credentials_file
+        return read_secrets_file(path) if path else {}
+
+    def _session(self, key: str) -> AuthSession:
+        """The session of credentials key `key`, kept while its credentials stay the same
+        (tokens from a login or refresh live across rounds); new when they change."""
+        try:
+            creds = credentials_for(key, self._secrets)
+        except CredentialsError as exc:  # the calls fail as auth_failed: the validator's error
+            self.on_event(str(exc))
+            creds = HostCredentials()
+        held = self._sessions.get(key)
+        if held is None or held[0] != creds:
+            held = self._sessions[key] = (creds, AuthSession(creds.token, creds.refresh_token,
+                                                             creds.username, creds.password))
+        return held[1]
+
+    async def _renew_lease(self, host: str, round_no: int) -> None:
+        lease_s = self.config.rounds.lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            if not await asyncio.to_thread(self.store.renew_lease, host, round_no, self.owner, lease_s):
+                log.warning("lost the lease on %s round %d", host, round_no)
+                return
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -196,33 +243,22 @@ class Daemon:
         return total
 
     def score_batch(self) -> int:
-        from validator.scoring.batch import run_audit
-
         cfg = self.config.scoring
-        with self._score_lock:
-            rows = self.store.claim_unscored(self.owner, cfg.batch, cfg.lease_s)
-            if not rows:
-                return 0
-            lines = [json.dumps({"id": r["probe_id"], "host": r["host"], "model": r["model"],
-                                 "messages": r["messages"], "configs": r["configs"],
-                                 "response": r["text"]}) for r in rows]
-            outputs, _ = run_audit(lines, self.registry, models=self.models, rerun=cfg.rerun,
-                                   on_error=lambda m: log.warning("scoring: %s", m))
-            for row, out in zip(rows, outputs):
-                self.store.record_score(row["probe_id"], out["verdict"], out.get("p_value"),
-                                        out.get("reasons", []), out.get("metrics", {}), self.owner)
-            self.progress.scored += len(rows)
-            for host in sorted({r["host"] for r in rows}):
-                self.update_reputation(host)
-            return len(rows)
+        batch = self.service.score_stored(self.owner, limit=cfg.batch, lease_s=cfg.lease_s, rerun=cfg.rerun)
+        self.progress.scored += batch.scored
+        for host, transition in batch.transitions:
+            self._announce(host, transition)
+        return batch.scored
 
     def update_reputation(self, host: str) -> None:
-        with self._reputation_lock:
-            transition = refresh_reputation(self.store, host, self.reputation)
+        transition = self.service.refresh_reputation(host)
         if transition:
-            message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
-            self.progress.transitions.append(message)
-            self.on_event(message)
+            self._announce(host, transition)
+
+    def _announce(self, host: str, transition: Transition) -> None:
+        message = f"{host}: {transition.state_from} -> {transition.state_to}: {transition.reason}"
+        self.progress.transitions.append(message)
+        self.on_event(message)
 
     # ------------------------------------------------------------------ running
     async def run(self, max_rounds: int | None = None, first_round: int | None = None) -> Progress:
@@ -269,7 +305,7 @@ class Daemon:
         # scorer, which works until the queue is empty, that is the normal case, not news.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         scheduler.start()
-        self.on_event(f"validator {self.owner} running; database {self.config.database_url}")
+        self.on_event(f"validator {self.owner} running; database {self.config.database_shown}")
         try:
             stop_wait = asyncio.ensure_future(self.stopping.wait())
             rounds_wait = asyncio.ensure_future(rounds_done.wait())
@@ -320,33 +356,3 @@ def _now():
 
     return datetime.now(timezone.utc)
 
-
-def outcomes(store: Store, host: str) -> list[Outcome]:
-    """A host's probe outcomes, as reputation reads them, from the stored answers."""
-    return [Outcome(probe_id=probe_id, at=at, verdict=verdict,
-                    p_value=p_value if verdict != "error" else None, error=error,
-                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0)
-            for probe_id, at, error, ttfb_s, total_s, nbytes, verdict, p_value
-            in store.host_outcomes(host)]
-
-
-def refresh_reputation(store: Store, host: str, config: ReputationConfig) -> Transition | None:
-    """Recompute a host's standing from everything stored (a pure function of the rows,
-    so a restarted validator gets the same answer) and store it; returns the state
-    change, if any, which is stored with its evidence."""
-    row = store.get_host(host)
-    if row is None or row["state"] == "disabled":
-        return None
-    released = [e["at"] for e in store.reputation_events(host)
-                if e["state_from"] == "flagged" and e["state_to"] == "probation"]
-    feedback = [f["rating"] for f in store.feedback_for(host)]
-    standing, transition = assess(row["state"], outcomes(store, host), feedback, config,
-                                  since=max(released) if released else None)
-    if transition:
-        if store.set_state(host, standing.state, score=standing.score,
-                           components=standing.components, evidence=transition.evidence,
-                           reason=transition.reason, expect=row["state"]) is None:
-            return None  # another validator changed the state first
-    else:
-        store.set_score(host, standing.score)
-    return transition

@@ -18,7 +18,8 @@ honesty(state) is 1 for `trusted`, 0.5 for `new` and `probation`, 0 for `flagged
 
 - availability: share of probes answered without a transport error (timeouts,
   malformed bodies, 5xx ... as classed by validator.probing.client), over the last `window`
-  probes, each weighted 2^(-age / half_life), age 0 for the newest probe.
+  probes, each weighted 2^(-age / half_life), age 0 for the newest probe. Probes that
+  failed on the validator's own credentials (VALIDATOR_ERRORS) are left out.
 - latency: per answered probe, the mean of a time-to-first-byte term (1 at or below
   `ttfb_target_s`, 0 at or above `ttfb_limit_s`, linear between) and a throughput term
   (bytes / total_s: 1 at or above `throughput_target_bps`, 0 at or below
@@ -81,10 +82,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from validator.store import STATES, VERDICTS
 
-STATES = ("new", "trusted", "probation", "flagged", "disabled")
-VERDICTS = ("pass", "fail", "inconclusive")  # scored: these carry a p-value
+
 UNSCORED = "error"  # the validator could not score the answer (its fault, not the host's)
+SCORED_VERDICTS = tuple(v for v in VERDICTS if v != UNSCORED)  # these carry a p-value
+# Call errors that are the validator's own (its credentials refused): they say nothing of
+# the host, so availability and latency skip them (validator.probing.client.Err).
+VALIDATOR_ERRORS = frozenset({"auth_failed"})
 
 
 # ---------------------------------------------------------------- one audit's host verdict
@@ -150,11 +155,11 @@ class Outcome:
     bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.verdict not in (*VERDICTS, UNSCORED, None):
+        if self.verdict not in (*VERDICTS, None):
             raise ValueError(f"probe {self.probe_id}: verdict {self.verdict!r} is not one of "
-                             f"{(*VERDICTS, UNSCORED)}")
-        if (self.verdict in VERDICTS) != (self.p_value is not None):
-            raise ValueError(f"probe {self.probe_id}: a p-value comes with a verdict of {VERDICTS} "
+                             f"{VERDICTS}")
+        if (self.verdict in SCORED_VERDICTS) != (self.p_value is not None):
+            raise ValueError(f"probe {self.probe_id}: a p-value comes with a verdict of {SCORED_VERDICTS} "
                              "and only with one")
         if self.p_value is not None and not 0.0 <= self.p_value <= 1.0:
             raise ValueError(f"probe {self.probe_id}: p_value {self.p_value} is not in [0, 1]")
@@ -323,7 +328,7 @@ class _Honesty:
         return {
             "since": since.isoformat() if since else None,
             "probes_scored": len(self.scored),
-            "verdicts": {v: sum(o.verdict == v for o in self.scored) for v in VERDICTS},
+            "verdicts": {v: sum(o.verdict == v for o in self.scored) for v in SCORED_VERDICTS},
             "log_e": float(self.log_r[-1]) if len(self.scored) else 0.0,
             "log_e_max": float(self.log_r.max()) if len(self.scored) else 0.0,
             "log_threshold": self.threshold,
@@ -388,7 +393,7 @@ def _latency(o: Outcome, config: ReputationConfig) -> float | None:
 def components(outcomes: Sequence[Outcome], feedback: Sequence[float],
                config: ReputationConfig) -> dict[str, float]:
     """availability, latency and feedback, each in [0, 1]; a component without data is absent."""
-    recent = list(outcomes)[-config.window:]
+    recent = [o for o in outcomes if o.error not in VALIDATOR_ERRORS][-config.window:]
     for r in feedback:
         if isinstance(r, bool) or not (isinstance(r, numbers.Real) and 1.0 <= r <= 5.0):
             raise ValueError(f"feedback ratings are 1 to 5, got {r!r}")
@@ -406,7 +411,7 @@ def honesty_factor(state: str, config: ReputationConfig) -> float:
             "flagged": 0.0, "disabled": 0.0}[state]
 
 
-def score(state: str, parts: Mapping[str, float], config: ReputationConfig) -> float:
+def combined_score(state: str, parts: Mapping[str, float], config: ReputationConfig) -> float:
     """honesty(state) * weighted mean of the components present (0 when none is)."""
     weights = {"availability": config.weight_availability, "latency": config.weight_latency,
                "feedback": config.weight_feedback}
@@ -459,7 +464,7 @@ def assess(state: str, outcomes: Sequence[Outcome], feedback: Sequence[float] = 
 
     new_state = transition.state_to if transition else state
     parts = components(ordered, feedback, config)
-    standing = Standing(new_state, score(new_state, parts, config),
+    standing = Standing(new_state, combined_score(new_state, parts, config),
                         {"honesty": honesty_factor(new_state, config), **parts},
                         honesty.summary(since))
     return standing, transition

@@ -36,7 +36,9 @@ Conventions
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -51,7 +53,7 @@ from sqlalchemy import (
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 if TYPE_CHECKING:  # validator.probing.client imports torch (via sampling): keep this module light
     from validator.probing.client import CallRecord
@@ -181,6 +183,17 @@ class Dispatch(Base):
     awaiting_score: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
+class Provenance(Base):
+    """What produced scores (validator.service.provenance): one row per distinct body."""
+
+    __tablename__ = "provenances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the sorted JSON
+    body: Mapped[dict]
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
 class Score(Base):
     __tablename__ = "scores"
     __table_args__ = (CheckConstraint(f"verdict IN ({_in(VERDICTS)})", name="verdict"),)
@@ -193,6 +206,7 @@ class Score(Base):
     metrics: Mapped[dict]
     scored_at: Mapped[datetime] = mapped_column(default=_now, index=True)  # status: the last score
     validator: Mapped[str] = mapped_column(String(128))
+    provenance_id: Mapped[int | None] = mapped_column(ForeignKey("provenances.id"))  # None: an error
 
 
 class HostRound(Base):
@@ -316,7 +330,8 @@ def engine_for(url: str) -> Engine:
         return engine
     if backend == "postgresql":
         return create_engine(u, pool_pre_ping=True)
-    raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://")
+    raise ValueError(f"unsupported database URL {u.render_as_string(hide_password=True)!r}: "
+                     "use sqlite:/// or postgresql+psycopg://")
 
 
 def alembic_config():
@@ -627,9 +642,11 @@ class Store:
             return [row(p) for p in s.scalars(stmt)]
 
     def record_dispatch(self, probe_id: str, record: CallRecord | dict, validator: str,
-                        finished_at: datetime | None = None) -> bool:
+                        finished_at: datetime | None = None, served_host: str | None = None) -> bool:
         """Store a probe's answer (a CallRecord, or a dict of its fields). Returns False,
-        changing nothing, if the probe already has one. Committed on return."""
+        changing nothing, if the probe already has one. Committed on return.
+        `served_host`: a gateway's answer is the host's it names, when that is a live host
+        (its history, tallies and reputation); otherwise it stays the probed URL's."""
         get = record.get if isinstance(record, dict) else lambda k, d: getattr(record, k, d)
         values = {k: get(k, default) for k, default in _CALL_FIELDS.items()}
         if not isinstance(values["ok"], bool):
@@ -641,6 +658,9 @@ class Store:
             values["host_id"] = s.scalar(select(Probe.host_id).where(Probe.id == probe_id))
             if values["host_id"] is None:
                 raise ValueError(f"no probe {probe_id!r}: store the probe (ensure_probes) first")
+            if served_host is not None:
+                values["host_id"] = s.scalar(select(Host.id).where(
+                    Host.name == served_host, Host.removed_at.is_(None))) or values["host_id"]
             if not self._insert_new(s, Dispatch, values, "probe_id"):
                 return False
             amounts = {"calls": 1}
@@ -662,8 +682,11 @@ class Store:
         now = _now()
         free = or_(Dispatch.score_lease_until.is_(None), Dispatch.score_lease_until <= now,
                    Dispatch.score_owner == owner)
-        stmt = (select(Dispatch, Probe, Host.name, Host.model)
+        served = aliased(Host)  # the answer's host (a gateway's names who served it); the
+        #                        model is the one the probe asked for
+        stmt = (select(Dispatch, Probe, served.name, Host.model)
                 .join(Probe, Dispatch.probe_id == Probe.id).join(Host, Probe.host_id == Host.id)
+                .join(served, Dispatch.host_id == served.id)
                 .where(_AWAITING_SCORE, ~_SCORED, free)
                 .order_by(Dispatch.finished_at, Dispatch.id).limit(limit)
                 .with_for_update(skip_locked=True, of=Dispatch))
@@ -677,14 +700,17 @@ class Store:
         return out
 
     def record_score(self, probe_id: str, verdict: str, p_value: float | None,
-                     reasons: list[str], metrics: dict, validator: str) -> bool:
-        """Store a probe's score; False, changing nothing, if it already has one."""
+                     reasons: list[str], metrics: dict, validator: str,
+                     provenance: dict | None = None) -> bool:
+        """Store a probe's score with what produced it; False, changing nothing, if it
+        already has one."""
         if verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {verdict!r}; one of {', '.join(VERDICTS)}")
         values = {"probe_id": probe_id, "verdict": verdict, "p_value": p_value,
                   "reasons": list(reasons), "metrics": metrics, "scored_at": _now(),
                   "validator": validator}
         with self.session() as s:
+            values["provenance_id"] = self._provenance_id(s, provenance) if provenance else None
             added = self._insert_new(s, Score, values, "probe_id")
             s.execute(update(Dispatch.__table__).where(Dispatch.probe_id == probe_id, _AWAITING_SCORE)
                       .values(awaiting_score=False))
@@ -699,6 +725,25 @@ class Store:
                                     latency_bucket(latency): 1})
                 self._count(s, host_id, amounts)
             return added
+
+    def _provenance_id(self, s: Session, body: dict) -> int:
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        s.execute(self._insert(Provenance).on_conflict_do_nothing(index_elements=["digest"]),
+                  {"digest": digest, "body": body, "created_at": _now()})
+        return s.scalar(select(Provenance.id).where(Provenance.digest == digest))
+
+    @staticmethod
+    def _scored(s: Session, found) -> list[dict]:
+        """(probe, dispatch, score) rows as dicts, each score with its "provenance" body."""
+        ids = {sc.provenance_id for _, _, sc in found if sc is not None and sc.provenance_id is not None}
+        bodies = dict(s.execute(select(Provenance.id, Provenance.body).where(Provenance.id.in_(ids))).all()) if ids else {}
+        out = []
+        for p, d, sc in found:
+            score = row(sc)
+            if score is not None:
+                score["provenance"] = bodies.get(sc.provenance_id)
+            out.append({"probe": row(p), "dispatch": row(d), "score": score})
+        return out
 
     @staticmethod
     def _answers(host_id: int, *columns):
@@ -715,8 +760,7 @@ class Store:
         None where not scored (failed calls are never scored)."""
         with self.session(readonly=True) as s:
             stmt = self._answers(self._host(s, host).id).limit(limit)
-            return [{"probe": row(p), "dispatch": row(d), "score": row(sc)}
-                    for p, d, sc in s.execute(stmt)]
+            return self._scored(s, s.execute(stmt).all())
 
     def host_outcomes(self, host: str) -> list[tuple]:
         """What reputation reads of each of a host's answers, newest first, as
@@ -739,10 +783,11 @@ class Store:
     def export_rows(self) -> list[dict]:
         """Every recorded answer, oldest first, flat: probe, host, timings, verdict,
         p-value, reasons (verdict etc. None where not scored)."""
-        stmt = (select(Probe, Host.name, Host.model, Dispatch, Score)
+        stmt = (select(Probe, Host.name, Host.model, Dispatch, Score, Provenance.body)
                 .join(Host, Probe.host_id == Host.id)
                 .join(Dispatch, Dispatch.probe_id == Probe.id)
                 .outerjoin(Score, Score.probe_id == Probe.id)
+                .outerjoin(Provenance, Provenance.id == Score.provenance_id)
                 .order_by(Dispatch.finished_at, Dispatch.id))
         with self.session(readonly=True) as s:
             return [{"probe_id": p.id, "round": p.round, "host": host, "model": model,
@@ -754,8 +799,8 @@ class Store:
                      "finished_at": d.finished_at, "validator": d.validator,
                      "verdict": sc and sc.verdict, "p_value": sc and sc.p_value,
                      "reasons": sc and sc.reasons, "metrics": sc and sc.metrics,
-                     "scored_at": sc and sc.scored_at}
-                    for p, host, model, d, sc in s.execute(stmt)]
+                     "scored_at": sc and sc.scored_at, "provenance": provenance}
+                    for p, host, model, d, sc, provenance in s.execute(stmt)]
 
     def status(self) -> dict:
         """last_round, queue_depth, last_answer_at, last_score_at, hosts_by_state (live
@@ -879,8 +924,8 @@ class Store:
             if verdict is not None:
                 count = count.outerjoin(Score, Score.probe_id == Dispatch.probe_id)
             total = s.scalar(count)
-            page = s.execute(self._answers(host_id).where(*match).limit(limit).offset(offset))
-            return total, [{"probe": row(p), "dispatch": row(d), "score": row(sc)} for p, d, sc in page]
+            page = s.execute(self._answers(host_id).where(*match).limit(limit).offset(offset)).all()
+            return total, self._scored(s, page)
 
     def probe_detail(self, probe_id: str) -> dict | None:
         """One probe with everything recorded about it: {"probe" (with "host" and the
@@ -897,8 +942,18 @@ class Store:
             p, host, model, d, sc = found
             feedback = s.scalars(select(Feedback).where(Feedback.probe_id == probe_id)
                                  .order_by(Feedback.at.desc(), Feedback.id.desc()))
-            return {"probe": {**row(p), "host": host, "model": model}, "dispatch": row(d),
-                    "score": row(sc), "feedback": [row(f) for f in feedback]}
+            (answer,) = self._scored(s, [(p, d, sc)])
+            return {**answer, "probe": {**answer["probe"], "host": host, "model": model},
+                    "feedback": [row(f) for f in feedback]}
+
+    def last_errors(self, error: str, limit: int = 5) -> list[dict]:
+        """The newest answers that failed with error class `error`: host, probe_id,
+        finished_at, detail (for `validator status`; not indexed by error: not for hot paths)."""
+        with self.session(readonly=True) as s:
+            stmt = (select(Host.name.label("host"), Dispatch.probe_id, Dispatch.finished_at, Dispatch.detail)
+                    .join(Host, Dispatch.host_id == Host.id).where(Dispatch.error == error)
+                    .order_by(Dispatch.finished_at.desc(), Dispatch.id.desc()).limit(limit))
+            return [dict(r._mapping) for r in s.execute(stmt)]
 
     def dispatch_counts(self) -> list[tuple[str, str | None, int]]:
         """(host, error class or None when answered, recorded calls), every host and round

@@ -25,9 +25,10 @@ import pytest
 import uvicorn
 
 from ..conftest import PG_URL, fresh_postgres_database
-from validator.scoring.batch import run_audit
+from validator.service.audit import run_audit
+from validator.service.scorer import Scorer
 from validator.service.config import LlmEndpointConfig, ServeConfig
-from validator.daemon import refresh_reputation
+from validator.service.operations import Service
 from validator.probing.probes import load_bank
 from validator.reputation import ReputationConfig
 from validator.models.sampling import Settings
@@ -133,12 +134,14 @@ def populate(store: Store, ref, registry) -> Network:
         p = store.probe(pid)
         lines.append(json.dumps({"id": pid, "host": p["host"], "model": MODEL, "messages": p["messages"],
                                  "configs": p["configs"], "response": net.texts[pid]}))
-    outputs, _ = run_audit(lines, registry, models={MODEL: ref}, rerun=False, on_error=print)
+    outputs, _ = run_audit(lines, Scorer(registry, models={MODEL: ref}), rerun=False, on_error=print)
     for pid, out in zip(to_score, outputs):
-        assert store.record_score(pid, out["verdict"], out["p_value"], out["reasons"], out["metrics"], "test")
+        assert store.record_score(pid, out["verdict"], out["p_value"], out["reasons"], out["metrics"], "test",
+                                  provenance=out["provenance"])
     store.add_feedback(net.probes["honest-a"][0], 4.0, "clear and correct")
+    service = Service(store, registry, REPUTATION)
     for host in ("honest-a", "cheat-b", "flaky-c", "down-d"):
-        refresh_reputation(store, host, REPUTATION)
+        service.refresh_reputation(host)
     store.set_state("retired-e", "disabled", reason="disabled by test", evidence={"by": "test"})
     return net
 

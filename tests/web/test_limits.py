@@ -10,8 +10,9 @@ import socket
 import httpx
 import pytest
 
-from validator.scoring.batch import run_audit
+from validator.service.audit import run_audit
 from validator.service.config import LlmEndpointConfig, ServeConfig
+from validator.service.scorer import Scorer
 from validator.store import Store, upgrade
 from validator.web.app import create_app
 from validator.web.auth import create_token
@@ -40,9 +41,10 @@ def limited(tmp_path_factory, ref, registry):
         store.record_dispatch(p["id"], {"ok": True, "text": "Hello!", "ttfb_s": 0.1, "total_s": 0.2}, "test")
     line = json.dumps({"id": "scored", "host": "h", "model": MODEL, "messages": probes[1]["messages"],
                        "configs": SHORT, "response": "Hello!"})
-    (out,), _ = run_audit([line], registry, models={MODEL: ref}, rerun=False, on_error=print)
+    (out,), _ = run_audit([line], Scorer(registry, models={MODEL: ref}), rerun=False, on_error=print)
     assert "per_token" in out["metrics"]
-    store.record_score("scored", out["verdict"], out["p_value"], out["reasons"], out["metrics"], "test")
+    store.record_score("scored", out["verdict"], out["p_value"], out["reasons"], out["metrics"], "test",
+                       provenance=out["provenance"])
     tokens = {name: create_token(store, "reader", name)[0] for name in ("a", "b", "c", "d", "e")}
     server = LiveServer(create_app(store, LIMITED, registry=registry, models={MODEL: ref}))
     try:

@@ -7,7 +7,7 @@ import pytest
 
 from .conftest import GREEDY
 
-WEIGHTS = {"cosine": 0.25, "judge": 0.25, "feedback": 0.25, "reference_similarity": 0.0}
+WEIGHTS = {"cosine": 0.25, "judge": 0.25, "feedback": 0.25, "fidelity": 0.25, "reference_similarity": 0.0}
 
 
 def _weighted(components: dict, weights: dict) -> float:
@@ -36,9 +36,11 @@ def test_scores_pairs_with_every_component(served, honest):
     assert out["model"] == "smollm2-135m" and out["weights"] == WEIGHTS
     assert out["configs"]["temperature"] == 0.0 and out["configs"]["max_tokens"] == GREEDY.max_tokens
     good, bad, no_truth = out["results"]
-    # the reference judges its own answer honest and the unrelated one not
-    assert good["verdict"] == "pass" and good["components"]["judge"] == 1.0
-    assert bad["verdict"] == "fail" and bad["components"]["judge"] < 1e-4 and bad["reasons"]
+    # the reference finds its own answer faithful to the model and the unrelated one not
+    assert good["verdict"] == "pass" and good["components"]["fidelity"] == 1.0
+    assert bad["verdict"] == "fail" and bad["components"]["fidelity"] < 1e-4 and bad["reasons"]
+    # the judge (the reference grading on the rubric) gives every pair a grade in [0, 1]
+    assert all(0.0 <= p["components"]["judge"] <= 1.0 for p in out["results"])
     # ground truth by sentence embeddings: the right answer is close, the wrong one far
     assert good["components"]["cosine"] > 0.5 > bad["components"]["cosine"] >= 0.0
     assert "cosine" not in no_truth["components"]
@@ -65,9 +67,10 @@ def test_accepts_the_questions_answers_spelling(served, honest):
                                                 "configs": {"temperature": 0,
                                                             "max_new_tokens": GREEDY.max_tokens}}).json()
     (pair,) = out["results"]
-    # no ground truth and no host: judge and reference similarity only, renormalised
-    assert set(pair["components"]) == {"judge", "reference_similarity"}
-    assert pair["score"] == pytest.approx(pair["components"]["judge"]) == 1.0
+    # no ground truth and no host: fidelity, judge and reference similarity only, renormalised
+    assert set(pair["components"]) == {"fidelity", "judge", "reference_similarity"}
+    assert pair["components"]["fidelity"] == 1.0
+    assert pair["score"] == pytest.approx(_weighted(pair["components"], WEIGHTS))
     assert out["aggregate"]["verdict"] == "inconclusive"  # one answer is too few to call a host honest
 
 
@@ -114,3 +117,53 @@ def test_the_response_is_documented(served):
     assert set(schema["properties"]) == {"model", "configs", "weights", "results", "aggregate"}
     request = spec["components"]["schemas"]["LlmRequest"]["properties"]
     assert {"prompts", "responses", "ground_truths", "questions", "answers", "model", "configs"} <= set(request)
+
+
+def test_empty_ground_truths_mean_none_and_the_judge_is_deterministic(served, honest):
+    """The network's tooling sends `ground_truths: []` by default: no ground truth, not a 422.
+    The judge reads grade-token probabilities, so the same pair gets the same grade."""
+    prompt, answer = honest
+    body = {"prompts": [prompt], "responses": [answer], "ground_truths": [],
+            "configs": {"temperature": 0, "max_tokens": GREEDY.max_tokens}}
+    with served.server.client(served.reader) as c:
+        first, second = c.post("/validator/v1/llm", json=body), c.post("/validator/v1/llm", json=body)
+        truth = c.post("/validator/v1/llm", json={**body, "ground_truths": ["Leonardo da Vinci."]}).json()
+    assert first.status_code == 200, first.text
+    (a,), (b,) = first.json()["results"], second.json()["results"]
+    assert "cosine" not in a["components"] and a["components"]["judge"] == b["components"]["judge"]
+    # with a ground truth the judge grades on the other rubric
+    assert truth["results"][0]["components"]["judge"] != a["components"]["judge"]
+
+
+def fact_checker(pairs):
+    """A stand-in plug-in component (as SAFE would be): 1 when the response names Leonardo."""
+    return [1.0 if "Leonardo" in r else 0.0 for r in pairs.responses]
+
+
+def test_components_are_plug_ins(served, honest, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from validator.web import llm_endpoint
+
+    plug = EntryPoint(name="fact_check", value=f"{__name__}:fact_checker", group=llm_endpoint.ENTRY_POINT_GROUP)
+    taken = EntryPoint(name="judge", value=f"{__name__}:fact_checker", group=llm_endpoint.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(llm_endpoint, "entry_points",
+                        lambda group: [plug, taken] if group == llm_endpoint.ENTRY_POINT_GROUP else [])
+    llm_endpoint.components.cache_clear()
+    ctx = served.server.server.config.app.state.web
+    original = ctx.config
+    try:
+        assert llm_endpoint.components()["fact_check"] is fact_checker
+        assert llm_endpoint.components()["judge"] is llm_endpoint.BUILTIN["judge"]  # no replacing a built-in
+        ctx.config = original.model_copy(update={"llm": original.llm.model_copy(
+            update={"weights": {**original.llm.weights, "fact_check": 1.0}})})
+        prompt, answer = honest
+        with served.server.client(served.reader) as c:
+            out = c.post("/validator/v1/llm", json={"prompts": [prompt], "responses": ["It was Leonardo."],
+                                                    "configs": {"temperature": 0, "max_tokens": 8}}).json()
+        (pair,) = out["results"]
+        assert pair["components"]["fact_check"] == 1.0 and out["weights"]["fact_check"] == 1.0
+        assert pair["score"] == pytest.approx(_weighted(pair["components"], out["weights"]))
+    finally:
+        ctx.config = original
+        llm_endpoint.components.cache_clear()

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import SCHEMA
+from validator.bench.report import SCHEMA
 
 
 class ReportError(ValueError):

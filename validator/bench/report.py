@@ -28,7 +28,9 @@ from statistics import fmean, median
 from typing import Any, Callable, Iterable
 
 from validator.reputation import HostRule, host_verdict
-from validator.bench.runner import Plan, write_atomic
+from validator.bench.files import write_atomic
+from validator.bench.suite import Plan
+from validator.service.provenance import describe
 
 SCHEMA = "validator.bench.report/1"
 ARGMAX_GAP = 1e-3  # a token within this many nats of the best counts as the reference's choice
@@ -219,7 +221,7 @@ def build(p: Plan, manifest: dict, results: dict[str, dict], scores: dict[str, d
                   "fingerprint": manifest.get("fingerprint"), "seed": suite.seed,
                   "repeats": suite.repeats, "metrics": suite.metrics, "alpha": suite.alpha,
                   "options": p.options, "text": p.suite_text, "normalised": suite.model_dump(mode="json")},
-        "run": {"created": manifest.get("created"),
+        "run": {"created": manifest.get("created"), "scored_by": _producers(scores),
                 "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "sessions": sessions, "tolerance": tolerance,
                 "complete": all(r["recorded"] for r in rows) and (
@@ -240,6 +242,16 @@ def build(p: Plan, manifest: dict, results: dict[str, dict], scores: dict[str, d
     report["probes"] = [{k: v for k, v in r.items() if k not in drop} for r in rows]
     report["plots"] = plots(report, rows)
     return report
+
+
+def _producers(scores: dict[str, dict]) -> list[dict]:
+    """The distinct provenances of the scores (what produced the verdicts), in order."""
+    out: list[dict] = []
+    for s in scores.values():
+        body = s.get("provenance")
+        if body and body not in out:
+            out.append(body)
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -538,6 +550,8 @@ def markdown(report: dict, plot_dir: str = "plots") -> str:
         tb = breakdown_table(report, which)
         if tb:
             out += [f"## {title}", "", _md_table(*tb), ""]
+    if run.get("scored_by"):
+        out += ["## Scored by", ""] + [f"- {describe(b)}" for b in run["scored_by"]] + [""]
     if report["plots"]:
         out += ["## Plots", ""] + [f"![{p['title']}]({plot_dir}/{p['name']}.png)" for p in report["plots"]] + [""]
     out += ["## Reproduce", "", "```sh", _reproduce(report), "```", "",
@@ -590,6 +604,8 @@ def render_html(report: dict) -> str:
     errs = error_rows(report)
     if errs:
         parts += ["<h2 id=errors>Errors</h2>", _html_table(ERROR_HEAD, errs, cls="errors")]
+    if run.get("scored_by"):
+        parts += ["<h2 id=scored-by>Scored by</h2><ul>"] + [f"<li>{e(describe(b))}</li>" for b in run["scored_by"]] + ["</ul>"]
     for p in report["plots"]:
         parts.append(f'<h2 id="plot-{e(p["name"])}">{e(p["title"])}</h2><figure>'
                      f'<img class=plot data-plot="{e(p["name"])}" alt="{e(p["title"])}" '

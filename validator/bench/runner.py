@@ -34,9 +34,13 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from validator.bench import report as reporting
+from validator.bench.files import JsonlLog, _fsync_dir, write_atomic
+from validator.bench.suite import BenchProbe, Plan, SuiteError, credentials, plan
+from validator.models.registry import Registry, RegistryError
 from validator.probing.client import FlexstackClient
-from validator.bench.suite import (BenchProbe, Suite, SuiteError, cells, credentials, expand, fingerprint,
-                    load_suite, resolve_prompts, with_hosts)
+from validator.scoring.batch import AnswerRecord, InputError, error
+from validator.service.scorer import ModelUnavailable, Scorer
 
 RUN_SCHEMA = "validator.bench.run/1"
 SCORE_CHUNK = 32  # answers per scoring call: each chunk's scores are recorded together
@@ -49,93 +53,6 @@ class Interrupted(Exception):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class JsonlLog:
-    """An append-only JSONL file of objects keyed by `key` (the last line of a key wins).
-    Each append is flushed and fsync'd before it returns. A torn last line (the process
-    was killed mid-write) is cut off when the file is opened again."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: dict[str, dict] = {}
-        self.torn = 0
-        if path.exists():
-            data = path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
-                self.torn = 1
-                with path.open("r+b") as fh:
-                    fh.truncate(end)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            for line in data[:end].splitlines():
-                try:
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
-                except (ValueError, KeyError, TypeError):
-                    self.torn += 1
-        self._fh = path.open("ab")
-
-    def append(self, row: dict) -> None:
-        self._fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.rows[row["key"]] = row
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class Plan:
-    """A loaded suite with its options applied, ready to run."""
-    suite: Suite
-    suite_text: str
-    suite_path: Path
-    probes: list[BenchProbe]
-    options: dict
-    fingerprint: str
-    basis: dict
-
-    @property
-    def by_key(self) -> dict[str, BenchProbe]:
-        return {p.key: p for p in self.probes}
-
-
-def plan(suite_path: Path, *, hosts: str | None = None, limit: int | None = None,
-         max_tokens: int | None = None, context_scale: float | None = None) -> Plan:
-    suite, text = load_suite(suite_path)
-    if hosts:
-        suite = with_hosts(suite, hosts)
-    if limit is not None and limit < 1:
-        raise SuiteError("--limit must be at least 1")
-    if max_tokens is not None and max_tokens < 1:
-        raise SuiteError("--max-tokens must be at least 1")
-    if context_scale is not None and not 0 <= context_scale <= 10:
-        raise SuiteError("--context-scale must be between 0 and 10")
-    prompts = resolve_prompts(suite, suite_path.resolve().parent, limit,
-                              1.0 if context_scale is None else context_scale)
-    probes = expand(suite, prompts, cells(suite, max_tokens))
-    options = {"limit": limit, "max_tokens": max_tokens, "context_scale": context_scale}
-    fp, basis = fingerprint(suite, probes, options)
-    return Plan(suite, text, suite_path, probes, options, fp, basis)
 
 
 class OutDir:
@@ -292,26 +209,33 @@ def score_pending(p: Plan, out: OutDir, *, registry: Any = None, models: dict | 
             if row["ok"] and key in by_key and key not in out.scores.rows]
     if not todo:
         return 0
-    from validator.scoring.batch import run_audit
-    from validator.models.registry import Registry
-
-    registry = registry or Registry.load()
-    models = models if models is not None else {}
+    scorer = Scorer(registry or Registry.load(), models=models)
     hosts = {h.name: h for h in p.suite.hosts}
     rerun = "similarity" in p.suite.metrics
     done = 0
     on_progress(0, len(todo))
     for start in range(0, len(todo), SCORE_CHUNK):
         chunk = todo[start:start + SCORE_CHUNK]
-        lines = [json.dumps({"id": row["key"], "host": row["host"],
-                             "model": hosts[row["host"]].model or p.suite.model,
-                             "messages": by_key[row["key"]].messages,
-                             "configs": by_key[row["key"]].scoring_configs(),
-                             "response": row["text"]}) for row in chunk]
-        outputs, _ = run_audit(lines, registry, models=models, rerun=rerun, on_error=on_error)
-        for row, scored in zip(chunk, outputs):
+        records = []
+        for row in chunk:
+            try:
+                records.append(AnswerRecord.build(row["key"], row["host"], hosts[row["host"]].model or p.suite.model,
+                                                  by_key[row["key"]].messages, by_key[row["key"]].scoring_configs(),
+                                                  row["text"]))
+            except InputError as exc:
+                records.append(error(row["key"], row["host"], None, str(exc)))
+        todo_records = [r for r in records if isinstance(r, AnswerRecord)]
+        try:
+            scored = iter(scorer.score(todo_records, rerun=rerun))
+        except ModelUnavailable as exc:
+            scored = iter([error(r.id, r.host, r.model, str(exc)) for r in todo_records])
+        for row, record in zip(chunk, records):
+            result = next(scored) if isinstance(record, AnswerRecord) else record
+            if result.verdict == "error":
+                on_error(f"{row['key']}: {result.reasons[0]}")
             out.scores.append({"key": row["key"], "answer_sha256": _sha(row["text"]),
-                               **{k: scored.get(k) for k in ("verdict", "p_value", "reasons", "metrics")}})
+                               **{k: getattr(result, k) for k in ("verdict", "p_value", "reasons", "metrics",
+                                                                  "provenance")}})
         done += len(chunk)
         on_progress(done, len(todo))
     return done
@@ -368,14 +292,10 @@ def run_bench(suite_path: Path, out: Path, *, hosts: str | None = None, limit: i
               log: Callable[[str], None] = lambda m: None) -> RunResult:
     """Run (or resume) a suite into `out`, then write the reports. SuiteError: the suite
     or options cannot run; Interrupted: a signal stopped it (what was recorded stays)."""
-    from validator.bench import report as reporting
-
     p = plan(suite_path, hosts=hosts, limit=limit, max_tokens=max_tokens, context_scale=context_scale)
     for h in p.suite.hosts:
         credentials(h)  # a missing environment variable is an error before anything is sent
     if p.suite.scored:
-        from validator.models.registry import Registry, RegistryError
-
         registry = registry or Registry.load()
         for model in {h.model or p.suite.model for h in p.suite.hosts}:
             try:

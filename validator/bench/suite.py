@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from validator.scoring.batch import Message
 from validator.service.config import ClientConfig
 from validator.probing.probes import Prompt, load_bank
-from validator.models.registry import REPO_ROOT
+from validator.configs import DIR as CONFIGS, resolve
 from validator.models.sampling import API_DEFAULTS, Settings, SettingsError
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-BANKS = REPO_ROOT / "configs" / "prompts"
+BANKS = CONFIGS / "prompts"
 METRICS = ("verdicts", "gaps", "latency", "determinism", "compliance", "agreement", "similarity")
 DEFAULT_METRICS = [m for m in METRICS if m != "similarity"]  # similarity costs a re-run
 SCORED_METRICS = {"verdicts", "gaps", "compliance", "similarity"}  # need the reference model
@@ -254,10 +254,10 @@ def _resolve(path: str, base: Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    for root in (base, Path.cwd(), REPO_ROOT):
-        if (root / p).exists():
-            return root / p
-    return base / p
+    if (base / p).exists():
+        return base / p
+    found = resolve(p)
+    return found if found.exists() else base / p
 
 
 def _bank_path(name: str, base: Path) -> Path:
@@ -433,3 +433,40 @@ def fingerprint(suite: Suite, probes: list[BenchProbe], options: dict) -> tuple[
 __all__ = ["BenchProbe", "Grid", "HostSpec", "METRICS", "PromptSet", "Suite",
            "SuiteError", "cell_name", "cells", "credentials", "derive", "expand", "fingerprint",
            "load_suite", "parse_hosts", "resolve_prompts", "with_hosts"]
+
+
+# --------------------------------------------------------------------------- a plan
+
+@dataclass
+class Plan:
+    """A loaded suite with its options applied, ready to run."""
+    suite: Suite
+    suite_text: str
+    suite_path: Path
+    probes: list[BenchProbe]
+    options: dict
+    fingerprint: str
+    basis: dict
+
+    @property
+    def by_key(self) -> dict[str, BenchProbe]:
+        return {p.key: p for p in self.probes}
+
+
+def plan(suite_path: Path, *, hosts: str | None = None, limit: int | None = None,
+         max_tokens: int | None = None, context_scale: float | None = None) -> Plan:
+    suite, text = load_suite(suite_path)
+    if hosts:
+        suite = with_hosts(suite, hosts)
+    if limit is not None and limit < 1:
+        raise SuiteError("--limit must be at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise SuiteError("--max-tokens must be at least 1")
+    if context_scale is not None and not 0 <= context_scale <= 10:
+        raise SuiteError("--context-scale must be between 0 and 10")
+    prompts = resolve_prompts(suite, suite_path.resolve().parent, limit,
+                              1.0 if context_scale is None else context_scale)
+    probes = expand(suite, prompts, cells(suite, max_tokens))
+    options = {"limit": limit, "max_tokens": max_tokens, "context_scale": context_scale}
+    fp, basis = fingerprint(suite, probes, options)
+    return Plan(suite, text, suite_path, probes, options, fp, basis)

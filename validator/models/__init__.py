@@ -1,0 +1,3 @@
+"""What a model name and sampling settings mean, for everyone: the model registry
+(registry.py: checkpoints, loading, calibration files) and the API's sampling settings
+with the sampler that honours them (sampling.py)."""

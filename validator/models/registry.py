@@ -1,6 +1,6 @@
 """Model registry: which reference checkpoint stands for a model name a host claims.
 
-`configs/models.yaml` maps an API model name (`configs.model` in a request) to a
+`models.yaml` (shipped in validator/configs/) maps an API model name (`configs.model` in a request) to a
 checkpoint, a dtype and a device. Checkpoints come from the hub, a local directory or
 a GGUF file inside an installed Python package; a GGUF is dequantised once and the
 result cached (the conversion takes tens of seconds, the cached load well under one).
@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REGISTRY = REPO_ROOT / "configs" / "models.yaml"
+from validator.configs import resolve, shipped
+
+DEFAULT_REGISTRY = shipped("models.yaml")
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -82,8 +83,7 @@ class ModelSpec:
         if "hub" in ckpt:
             return ckpt["hub"]
         if "dir" in ckpt:
-            path = Path(ckpt["dir"]).expanduser()
-            return str(path if path.is_absolute() else REPO_ROOT / path)
+            return str(Path(ckpt["dir"]).expanduser())  # made absolute when the registry loads
         return str(_converted_gguf(self))
 
 
@@ -133,7 +133,7 @@ class Registry:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Registry":
-        path = Path(path or os.environ.get("VALIDATOR_MODELS") or DEFAULT_REGISTRY)
+        path = resolve(path or os.environ.get("VALIDATOR_MODELS") or DEFAULT_REGISTRY)
         try:
             raw = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
@@ -153,9 +153,12 @@ class Registry:
             if dtype not in ("float32", "bfloat16", "float16"):
                 raise RegistryError(f"{path}: model {name!r}: unknown dtype {dtype!r}")
             calibration = entry.get("calibration")
+            ckpt = dict(ckpt)
+            if "dir" in ckpt:  # a relative directory is relative to the registry file
+                ckpt["dir"] = str(path.parent / Path(ckpt["dir"]).expanduser())
             models[name] = ModelSpec(
                 name=name,
-                checkpoint=dict(ckpt),
+                checkpoint=ckpt,
                 dtype=dtype,
                 device=str(entry.get("device", "auto")),
                 chat_template=entry.get("chat_template"),

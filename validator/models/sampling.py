@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-# The API's documented defaults (shared/reference/flexstack.md).
+# The API's documented defaults (docs/flexstack-api.md).
 API_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": 0.5, "max_tokens": 512}
 MAX_TOKENS_LIMIT = 4096
 GREEDY_BELOW = 1e-5  # a temperature this small is argmax decoding in every engine

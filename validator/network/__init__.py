@@ -1,0 +1,3 @@
+"""The simulated network: host engines (engines.py) and host behaviours, honest and not,
+served on loopback (simulator.py) — one catalogue that the demo, the tests, calibration
+and the benchmarks build on."""

@@ -160,7 +160,7 @@ class GzipBomb(Strategy):
 
     def load(self) -> None:
         if self._bomb is None:
-            z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
             zeros = b"\0" * (1 << 20)
             self._bomb = b"".join(z.compress(zeros) for _ in range(self.options.inflated_mib)) + z.flush()
 

@@ -1,6 +1,6 @@
 """A simulated Flexstack network on loopback: hosts that answer the text-completion API
 honestly on other engines, dishonestly in the ways hosts cheat, or brokenly in the ways
-servers break (shared/reference/flexstack.md has the API they imitate).
+servers break (docs/flexstack-api.md has the API they imitate).
 
 One uvicorn server listens on one port per host, plus one for the gateway; the port a
 request arrives on says which host it is for. Every model-backed host draws its answers
@@ -43,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from validator.network.engines import Request as EngineRequest
 from validator.network.engines import greedy, hotter, shared_engine, truncate
-from validator.models.registry import REPO_ROOT, Registry
+from validator.configs import resolve
+from validator.models.registry import Registry
 from validator.models.sampling import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,13 @@ class NetworkConfig(BaseModel):
     model: str = "smollm2-135m"
     bind: str = "127.0.0.1"
     credentials: Credentials | None = None  # None: any bearer token is accepted
-    models: str | None = None  # model registry file; default configs/models.yaml
+    models: str | None = None  # model registry file; default the shipped models.yaml
     hosts: list[HostConfig] = Field(min_length=1)
     gateway: GatewayConfig | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "NetworkConfig":
-        path = Path(path)
-        if not path.exists() and not path.is_absolute():
-            path = REPO_ROOT / path
+        path = resolve(path)
         try:
             return cls.model_validate(yaml.safe_load(path.read_text()))
         except (OSError, yaml.YAMLError) as exc:
@@ -674,6 +673,14 @@ class SimulatedNetwork:
         self._refresh.add(refresh)
         return {"access_token": access, "refresh_token": refresh, "expires_in": ttl,
                 "token_type": "bearer", "credits": 1000.0}
+
+    def revoke(self, password: str | None = None) -> None:
+        """The network revokes every token it issued (and, given `password`, changes the
+        account's password, so logging in again fails too)."""
+        self._tokens.clear()
+        self._refresh.clear()
+        if password is not None and self.config.credentials is not None:
+            self.config.credentials.password = password
 
     def _bearer_ok(self, request: Request) -> bool:
         auth = request.headers.get("authorization", "")

@@ -17,7 +17,7 @@ The per-call deadline (`Timeouts.total`) is enforced here with
 asyncio.timeout, because httpx's read timeout only bounds the gap between two chunks: a
 host trickling one byte a second would otherwise hold a probe forever.
 
-API facts used here are in shared/reference/flexstack.md.
+API facts used here are in docs/flexstack-api.md.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class Err:
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # request sent, no response headers in time
     TOTAL_TIMEOUT = "total_timeout"  # the whole call (all attempts) ran past Timeouts.total
     HTTP_4XX = "http_4xx"  # client error other than 401/429; detail has the server's message
-    AUTH_FAILED = "auth_failed"  # 401 after refresh / login, login refused, or no way to re-auth
+    # The validator's own credentials refused: 401 after refresh / login, login or refresh
+    # refused, or no way to re-authenticate. The validator's error, not the host's: it
+    # never counts against a host's availability (validator.reputation.VALIDATOR_ERRORS).
+    AUTH_FAILED = "auth_failed"
     RATE_LIMITED = "rate_limited"  # 429 after retries
     SERVER_ERROR = "server_error"  # 5xx after retries
     MALFORMED_JSON = "malformed_json"  # non-streamed body is not JSON we can parse (bad
@@ -107,13 +110,52 @@ class CallRecord:
     attempts: int = 0
     stream: bool = False
     configs_echo: dict | None = None  # data.configs of a non-streamed answer
-    served_by: str | None = None  # X-Served-By: the host a gateway routed us to
+    served_by: str | None = None  # the host a gateway routed us to (Attribution)
 
 
 def _fail(rec: CallRecord, error: str, detail: str) -> None:
     if len(detail) > _DETAIL_CAP:
         detail = detail[:_DETAIL_CAP - 20] + f"... [{len(detail)} chars]"
     rec.error, rec.detail, rec.text = error, detail, None
+
+
+class AuthSession:
+    """The credentials and tokens of one account. Clients that share a session (the hosts
+    of one network account, and the daemon's rounds one after another) log in and
+    refresh once for all of them."""
+
+    def __init__(self, token: str | None = None, refresh_token: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("give both username and password, or neither")
+        self.token, self.refresh_token = token, refresh_token
+        self.username, self.password = username, password
+        self.expires_at: float | None = None  # monotonic; None = unknown, assume valid
+        self.lock = asyncio.Lock()  # one refresh at a time, shared by all calls
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Where a gateway names the host that served an answer: a response header, and/or a
+    field of the JSON body as a dotted path (read when the header gives nothing; a
+    streamed plain-text answer has no body fields)."""
+
+    header: str | None = "X-Served-By"
+    body_field: str | None = None
+
+    def from_body(self, obj: Any) -> str | None:
+        if not self.body_field:
+            return None
+        for part in self.body_field.split("."):
+            if not isinstance(obj, dict):
+                return None
+            obj = obj.get(part)
+        return obj if isinstance(obj, str) and obj else None
+
+
+def _on_session(name: str) -> property:
+    return property(lambda self: getattr(self.session, name),
+                    lambda self, value: setattr(self.session, name, value))
 
 
 class FlexstackClient:
@@ -123,23 +165,22 @@ class FlexstackClient:
 
     def __init__(self, base_url: str, *, token: str | None = None,
                  refresh_token: str | None = None, username: str | None = None,
-                 password: str | None = None, timeouts: Timeouts | None = None,
+                 password: str | None = None, session: "AuthSession | None" = None,
+                 attribution: "Attribution | None" = None, timeouts: Timeouts | None = None,
                  http: httpx.AsyncClient | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  limits: httpx.Limits | None = None) -> None:
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if (username is None) != (password is None):
-            raise ValueError("give both username and password, or neither")
+        if session is not None and any(x is not None for x in (token, refresh_token, username, password)):
+            raise ValueError("pass either a session or token/refresh_token/username/password, not both")
         if http is not None and (transport is not None or limits is not None):
             raise ValueError("pass either an httpx.AsyncClient or transport/limits, not both")
         self.base_url = str(url).rstrip("/")
-        self.token, self.refresh_token = token, refresh_token
-        self.username, self.password = username, password
+        self.session = session or AuthSession(token, refresh_token, username, password)
+        self.attribution = attribution or Attribution()
         self.timeouts = timeouts or Timeouts()
-        self._expires_at: float | None = None  # monotonic; None = unknown, assume valid
-        self._auth_lock = asyncio.Lock()  # one refresh at a time, shared by all calls
         self._owns_http = http is None
         # keepalive_expiry stays under common server idle timeouts (uvicorn: 5 s) so we
         # rarely reuse a connection the host has already closed. trust_env off: probes
@@ -151,6 +192,14 @@ class FlexstackClient:
         # Read/write are unbounded in httpx on purpose: our own timers own them.
         self._httpx_timeout = httpx.Timeout(connect=self.timeouts.connect, read=None,
                                             write=None, pool=self.timeouts.first_byte)
+
+    # The account's state lives on the session (shared between clients).
+    token = _on_session("token")
+    refresh_token = _on_session("refresh_token")
+    username = _on_session("username")
+    password = _on_session("password")
+    _expires_at = _on_session("expires_at")
+    _auth_lock = _on_session("lock")
 
     async def __aenter__(self) -> "FlexstackClient":
         return self
@@ -353,7 +402,8 @@ class FlexstackClient:
 
         rec.ttfb_s = loop.time() - sent
         rec.status = response.status_code
-        rec.served_by = response.headers.get("x-served-by")
+        if self.attribution.header:
+            rec.served_by = response.headers.get(self.attribution.header)
         success = 200 <= response.status_code < 300
         try:
             body, over = await _read_capped(response, cap if success else _ERROR_BODY_CAP, rec)
@@ -393,6 +443,8 @@ class FlexstackClient:
             obj = _load_json(rec, body)
             if obj is None:
                 return
+            if rec.served_by is None:
+                rec.served_by = self.attribution.from_body(obj)
             try:
                 text, rec.configs_echo = _unwrap(obj)
             except ValueError as e:

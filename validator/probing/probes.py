@@ -1,4 +1,4 @@
-"""Prompt banks and settings mixes (YAML under configs/)."""
+"""Prompt banks and settings mixes (YAML; the shipped ones are in validator/configs/)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from validator.models.registry import REPO_ROOT
+from validator.configs import resolve, shipped
 from validator.models.sampling import Settings
 
-SETTINGS_FILE = REPO_ROOT / "configs" / "settings.yaml"
+SETTINGS_FILE = shipped("settings.yaml")
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,14 @@ class Prompt:
 
 
 def load_bank(path: str | Path) -> list[Prompt]:
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(resolve(path).read_text())
     return [Prompt(p["id"], p.get("kind", "question"),
                    [{"role": m["role"], "content": m["content"]} for m in p["messages"]])
             for p in raw["prompts"]]
 
 
 def load_mix(name: str = "default", path: str | Path = SETTINGS_FILE) -> list[tuple[float, Settings]]:
-    raw = yaml.safe_load(Path(path).read_text())["mixes"][name]
+    raw = yaml.safe_load(resolve(path).read_text())["mixes"][name]
     return [(float(e.get("weight", 1)), Settings.from_configs({k: v for k, v in e.items() if k != "weight"}))
             for e in raw]
 
@@ -62,8 +59,9 @@ def greedy_and_sampled(prompts: list[Prompt], mix: list[tuple[float, Settings]],
 @dataclass(frozen=True)
 class Probe:
     """One probe as the daemon sends it. `configs` is exactly what goes on the wire (no
-    seed: the API has none, and a seed would mark the request as a probe); `seed` is
-    only for the validator's own re-run."""
+    seed: the API has none, and a seed would mark the request as a probe). The
+    validator's own re-run derives its seed from the content
+    (validator.scoring.batch.rerun_seed), so every validator re-runs a probe alike."""
     id: str
     round: int
     host: str
@@ -72,7 +70,6 @@ class Probe:
     messages: list[dict]
     configs: dict
     stream: bool
-    seed: int
 
     @property
     def wire_settings(self) -> Settings:
@@ -96,10 +93,9 @@ def derive_probes(secret: str, round_no: int, host: str, bank: list[Prompt],
     out = []
     for index, prompt in enumerate(rng.sample(bank, count)):
         settings = draw_settings(mix, rng)
-        seed = rng.randrange(2**31)
         configs = {k: v for k, v in settings.as_configs().items() if k != "seed"}
         probe_id = hmac.new(secret.encode(), f"id\0{round_no}\0{host}\0{index}".encode(),
                             hashlib.sha256).hexdigest()[:16]
         out.append(Probe(probe_id, round_no, host, index, prompt.id, prompt.messages, configs,
-                         stream=rng.random() < 0.5, seed=seed))
+                         stream=rng.random() < 0.5))
     return out

@@ -1,8 +1,8 @@
 """Align a host's text to the reference's tokens.
 
 The host returns text; the same text has many token segmentations, and re-tokenising
-it canonically is not what an engine generated (DESIGN.md: an honest token looked 8.7
-nats off that way). We start from the canonical segmentation, score it with one
+it canonically is not what an engine generated (docs/methodology.md: an honest token
+looked 8.7 nats off that way). We start from the canonical segmentation, score it with one
 batched forward pass, and walk it: wherever another token that also matches the text
 is clearly more likely under the reference (under the warped distribution for sampled
 settings), we propose the alternative path (that token, then the canonical rest),

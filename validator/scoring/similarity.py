@@ -1,7 +1,7 @@
 """Similarity of a host's answer to the reference's own re-run of the probe.
 
 Reported, never decisive: an honest llama.cpp host matched a transformers re-run
-exactly on only 3 of 12 greedy prompts (DESIGN.md). Library implementations only:
+exactly on only 3 of 12 greedy prompts (docs/methodology.md). Library implementations only:
 rapidfuzz for the edit distance and the longest common subsequence behind ROUGE-L,
 sacrebleu for chrF.
 """

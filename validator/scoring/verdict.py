@@ -1,6 +1,6 @@
 """From an aligned answer to metrics, a p-value and a verdict.
 
-Evidence per answer (README "Scoring" explains each, and its limits):
+Evidence per answer (docs/methodology.md explains each; README "Known limits" its limits):
 - greedy settings: per-token gap between the reference's best log-prob and the host
   token's; a gap over the calibrated tolerance is a violation, honest engines produce
   them at a calibrated rate, so k violations in n tokens has a binomial p-value;
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class VerdictRule:
 
 
 @dataclass
-class Score:
+class AnswerScore:
     verdict: str
     p_value: float
     reasons: list[str]
@@ -91,8 +91,8 @@ def _chernoff_two_sided(s: float, var_terms: dict[str, np.ndarray]) -> float:
     return float(min(1.0, grid * math.exp(min(low, high, 0.0))))
 
 
-def score(al: Alignment, settings: Settings, table: TokenTable, tol: Tolerances,
-          rule: VerdictRule = VerdictRule()) -> Score:
+def score_answer(al: Alignment, settings: Settings, table: TokenTable, tol: Tolerances,
+          rule: VerdictRule = VerdictRule()) -> AnswerScore:
     f = al.feats
     n = len(al.tokens)
     final = n  # the step after the last token
@@ -168,7 +168,7 @@ def score(al: Alignment, settings: Settings, table: TokenTable, tol: Tolerances,
     verdict = "fail" if p_value < rule.fail_below else "pass" if p_value >= rule.pass_from else "inconclusive"
     reasons = [c[2] for c in components if c[2]] or [_summary(metrics, settings, tol)]
     metrics["components"] = {c[0]: c[1] for c in components}
-    return Score(verdict, p_value, reasons, metrics)
+    return AnswerScore(verdict, p_value, reasons, metrics)
 
 
 def _sampled(al: Alignment, settings: Settings, tol: Tolerances, table: TokenTable,
@@ -240,6 +240,3 @@ def _summary(metrics: dict, settings: Settings, tol: Tolerances) -> str:
     z = metrics["sampled"]["z"][metrics["sampled"]["order"]]
     return f"all {n} tokens inside the sampling support; log-prob statistic z={z:+.1f}; {end}"
 
-
-def score_to_json(s: Score) -> dict[str, Any]:
-    return asdict(s)

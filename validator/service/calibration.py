@@ -6,7 +6,7 @@ an API might). Each is aligned and scored, and we record how far honest tokens f
 - greedy tokens: gap below the reference's best;
 - sampled tokens: distance below the edge of the top-k/top-p support;
 - early stops: end of sequence below the best (greedy) or below the support edge.
-Rule (documented in the README): a tolerance is SAFETY times the largest honest value
+Rule (docs/methodology.md): a tolerance is SAFETY times the largest honest value
 seen, never below a floor; the honest violation rate at that tolerance is bounded by
 the rule of three, 3 / (number of honest observations), since none were seen.
 """
@@ -27,7 +27,7 @@ from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
 from validator.scoring.reference import ReferenceModel
 from validator.models.registry import ModelSpec
 from validator.models.sampling import Settings
-from validator.scoring.verdict import Tolerances, VerdictRule, score
+from validator.scoring.verdict import Tolerances, VerdictRule, score_answer
 
 SAFETY = 2.0
 FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}
@@ -60,7 +60,7 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
             edge = f.boundary[:n].min(axis=1)
             out["support_gap"] += [float(g) for g in np.maximum(edge - al.token_logp, 0.0)]
             out["sampled_tokens"][0] += n
-            out["sampled_p"].append(score(al, s, ref.table, tol).metrics["components"]["statistic"])
+            out["sampled_p"].append(score_answer(al, s, ref.table, tol).metrics["components"]["statistic"])
         if not s.length_stop(n):
             out["early_stops"][0] += 1
             final = f.max_logp[n] if s.greedy else f.boundary[n].min()

@@ -1,19 +1,39 @@
-"""The validator's own configuration (configs/validator.yaml), checked by pydantic so a
-typo is an error at start, not a silent default months later."""
+"""The validator's own configuration: a YAML file (validator/configs/validator.yaml
+ships as an example; `validator init` writes a production one), then the environment:
+every key can be set by a `VALIDATOR_` variable, nested keys joined by `__`
+(VALIDATOR_DATABASE, VALIDATOR_ROUNDS__INTERVAL_S, VALIDATOR_SERVE__LLM__WEIGHTS__JUDGE;
+lists as JSON), read by pydantic-settings; the environment wins over the file. Checked
+by pydantic, so a typo in a key is an error at start, not a silent default months later.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import EnvSettingsSource
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from validator.probing.client import Timeouts
-from validator.models.registry import REPO_ROOT
+from validator.configs import resolve, shipped
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "validator.yaml"
+DEFAULT_CONFIG = shipped("validator.yaml")
+ENV_PREFIX = "VALIDATOR_"
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit to print or log: the password masked (a file path is as is)."""
+    if "://" not in url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparsable database URL>"
 
 
 class _Strict(BaseModel):
@@ -49,20 +69,13 @@ class ClientConfig(_Strict):
                         max_bytes=self.max_bytes, retries=self.retries)
 
 
-class LlmWeights(_Strict):
-    """Weights of the /validator/v1/llm components (a pair's score is the weighted mean of
-    the components it has; the network's methodology weighs cosine similarity, an LLM
-    judge and human feedback equally)."""
-    cosine: float = Field(0.25, ge=0)  # response vs ground truth, sentence embeddings
-    judge: float = Field(0.25, ge=0)  # the reference model's p-value for the response
-    feedback: float = Field(0.25, ge=0)  # stored human ratings of the named host
-    reference_similarity: float = Field(0.0, ge=0)  # response vs the reference's own answer (reported)
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> "LlmWeights":
-        if not any(self.model_dump().values()):
-            raise ValueError("the llm weights must not all be 0")
-        return self
+# Weights of the /validator/v1/llm components (validator.web.llm_endpoint): a pair's score
+# is the weighted mean of the components it has. The network's methodology weighs cosine
+# similarity, an LLM judge and human feedback equally; fidelity is the reference model's
+# evidence that the response is the claimed model's. A plug-in component gets weight 0
+# until the config names it.
+DEFAULT_LLM_WEIGHTS = {"cosine": 0.25, "judge": 0.25, "feedback": 0.25, "fidelity": 0.25,
+                       "reference_similarity": 0.0}
 
 
 class LlmEndpointConfig(_Strict):
@@ -72,7 +85,20 @@ class LlmEndpointConfig(_Strict):
     max_pairs: int = Field(64, ge=1)  # pairs per request
     max_chars: int = Field(20_000, ge=1)  # per prompt, response or ground truth
     max_tokens: int = Field(1024, ge=1)  # largest configs.max_tokens accepted (bounds the re-run)
-    weights: LlmWeights = LlmWeights()
+    judge_model: str | None = None  # registry name of the `judge` component's model (default: the reference)
+    # Component name -> weight; names not given keep their defaults (DEFAULT_LLM_WEIGHTS).
+    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LLM_WEIGHTS))
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, given: dict[str, float]) -> dict[str, float]:
+        weights = {**DEFAULT_LLM_WEIGHTS, **given}
+        bad = [k for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0: {', '.join(bad)}")
+        if not any(weights.values()):
+            raise ValueError("the llm weights must not all be 0")
+        return weights
 
 
 class ServeConfig(_Strict):
@@ -89,11 +115,27 @@ class ServeConfig(_Strict):
     llm: LlmEndpointConfig = LlmEndpointConfig()
 
 
+CREDENTIALS_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class HostEntry(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     url: str
     model: str
-    token_env: str | None = None
+    # Which credentials the validator uses with this host (validator.service.credentials):
+    # VALIDATOR_CRED_<KEY>_TOKEN etc. or the secrets file's entry KEY; default: the name.
+    credentials: str | None = Field(None, pattern=CREDENTIALS_KEY)
+    # True: the URL is a gateway in front of several hosts; each answer is attributed to
+    # the host the response names (`attribution`), when that host is known.
+    gateway: bool = False
+
+
+class AttributionConfig(_Strict):
+    """Where a gateway's response names the host that served it (docs/production.md,
+    "Attribution"): a response header, or a field of the JSON body as a dotted path
+    (e.g. data.data.served_by). Both may be set; the header is read first."""
+    header: str | None = Field("X-Served-By", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+    body_field: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length=256)
 
 
 class ValidatorConfig(_Strict):
@@ -109,18 +151,29 @@ class ValidatorConfig(_Strict):
     client: ClientConfig = ClientConfig()
     reputation: dict = Field(default_factory=dict)  # validator.reputation.ReputationConfig keys
     hosts: list[HostEntry] = Field(default_factory=list)  # added to the database at start
+    credentials_file: str | None = None  # YAML secrets file of host credentials (mode 0600)
+    attribution: AttributionConfig = AttributionConfig()
     serve: ServeConfig = ServeConfig()  # `validator serve`: REST API, dashboard, /metrics
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "ValidatorConfig":
-        path = Path(path or DEFAULT_CONFIG)
+    def load(cls, path: str | Path | None = None, *, database: str | None = None) -> "ValidatorConfig":
+        """The file at `path` (default: the shipped example), overridden by VALIDATOR_
+        variables, then by `database` (a command's --db) when given."""
+        path = resolve(path or DEFAULT_CONFIG)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-            config = cls.model_validate(raw)
+            if not isinstance(raw, dict):
+                raise ValueError(f"config {path}: expected a mapping of keys, got {type(raw).__name__}")
+            env = EnvSettingsSource(cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                    case_sensitive=False)()
+            merged = _merge(raw, env)
+            if database:
+                merged["database"] = database
+            config = cls.model_validate(merged)
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read config {path}: {exc}") from exc
         except ValidationError as exc:
-            raise ValueError(f"config {path}: {exc}") from exc
+            raise ValueError(f"config {path} (and {ENV_PREFIX}* variables): {exc}") from exc
         if "://" not in config.database:  # a file path: relative to where the command runs
             config.database = str(Path(config.database).expanduser().resolve())
         return config
@@ -128,6 +181,11 @@ class ValidatorConfig(_Strict):
     @property
     def database_url(self) -> str:
         return self.database if "://" in self.database else f"sqlite:///{self.database}"
+
+    @property
+    def database_shown(self) -> str:
+        """The database URL with its password masked: what is printed and logged."""
+        return redact_url(self.database_url)
 
     def instance_name(self) -> str:
         return self.instance or f"{socket.gethostname()}-{os.getpid()}"
@@ -137,3 +195,14 @@ class ValidatorConfig(_Strict):
         if not secret:
             raise ValueError(f"no probe secret: set {self.secret_env} or `secret:` in the config")
         return secret
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """`base` with `override` laid over it, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

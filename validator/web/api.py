@@ -3,17 +3,19 @@ writes (feedback, host administration) for admin tokens only."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from validator import reputation
 from validator.models.registry import RegistryError
+from validator.reputation import InvalidTransition
+from validator.service import reads
+from validator.service.config import CREDENTIALS_KEY
+from validator.service.operations import StateChanged, UnknownHost, UnknownProbe
 from validator.store import STATES, VERDICTS
-from validator.web import data
 from validator.web.auth import Principal, admin, reader
 from validator.web.limits import RATE_LIMITED
 
@@ -26,8 +28,8 @@ Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
 # text cannot hold NUL, and no host or probe is named with one).
 HostName = Path(pattern=r"^[^\x00-\x1f\x7f]{1,128}$", description="Host name.")
 ProbeId = Path(pattern=r"^[^\x00-\x1f\x7f]{1,64}$", description="Probe id.")
-LIMIT = Query(data.PAGE, ge=1, le=data.MAX_PAGE, description="Page size.")
-OFFSET = Query(0, ge=0, le=data.MAX_OFFSET, description="Items to skip.")
+LIMIT = Query(reads.PAGE, ge=1, le=reads.MAX_PAGE, description="Page size.")
+OFFSET = Query(0, ge=0, le=reads.MAX_OFFSET, description="Items to skip.")
 NO_TOKEN = {401: {"description": "No token, or an invalid or revoked one (WWW-Authenticate says which)."}}
 ADMIN_ONLY = {**NO_TOKEN, 403: {"description": "The token is not an admin token."}}
 
@@ -145,7 +147,7 @@ class ProbeDetail(BaseModel):
     stream: bool
     created_at: datetime
     answer: AnswerText | None = Field(description="None: not sent yet.")
-    metrics: dict[str, Any] = Field(description="The scorer's metrics (README, 'Metrics'), without the three below.")
+    metrics: dict[str, Any] = Field(description="The scorer's metrics (docs/methodology.md, 'Metrics'), without the three below.")
     tokens: list[Token] | None = Field(description="The answer aligned to the reference's tokens, each with its gap.")
     rerun: str | None = Field(description="The reference's own fixed-seed answer to the probe.")
     similarity: dict[str, Any] | None = Field(description="The answer against the re-run (reported, never decisive).")
@@ -153,18 +155,25 @@ class ProbeDetail(BaseModel):
                                                        "(here, now, not stored) or None.")
     computed_score: dict[str, Any] | None = Field(description="For an answer not scored yet: the score computed "
                                                               "here (not stored).")
+    provenance: dict[str, Any] | None = Field(description="What produced the verdict: the reference checkpoint's "
+                                                          "identity, the calibration file's hash, the verdict rule "
+                                                          "and the validator's version. None: not recorded.")
     feedback: list[FeedbackOut]
 
 
 class HostIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"name": "host-7", "url": "http://10.0.0.7:8000/v1", "model": "smollm2-135m", "token_env": "HOST7_TOKEN"}]})
+        {"name": "host-7", "url": "http://10.0.0.7:8000/v1", "model": "smollm2-135m", "credentials": "network"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     url: str = Field(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=2048,
                      description="The host's API base, e.g. http://10.0.0.5:8000/v1.")
     model: str = Field(min_length=1, max_length=128, description="Registry name of the model it claims.")
-    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
-                                  description="Environment variable holding its bearer token.")
+    # Never the name of a variable: the daemon reads only VALIDATOR_CRED_<KEY>_* variables
+    # and the operator's secrets file (validator.service.credentials).
+    credentials: str | None = Field(None, pattern=CREDENTIALS_KEY, description=(
+        "Credentials key KEY (default: the host's name): the validator authenticates with "
+        "VALIDATOR_CRED_<KEY>_TOKEN / _REFRESH_TOKEN / _USERNAME and _PASSWORD, or the "
+        "secrets file's entry KEY."))
 
 
 class AdminNote(BaseModel):
@@ -172,7 +181,7 @@ class AdminNote(BaseModel):
     note: str = Field("", max_length=10_000, description="Why (stored with the change).")
 
 
-class Transition(BaseModel):
+class TransitionOut(BaseModel):
     host: str
     state_from: str
     state_to: str
@@ -200,12 +209,12 @@ def list_hosts(request: Request, _: Principal = Depends(reader),
                state: State | None = Query(None, description="Only hosts in this state."),
                model: str | None = Query(None, max_length=128, description="Only hosts claiming this model."),
                q: str | None = Query(None, max_length=128, description="Host name contains this (any case)."),
-               sort: Literal[data.HOST_SORTS] = "host",  # type: ignore[valid-type]
+               sort: Literal[reads.HOST_SORTS] = "host",  # type: ignore[valid-type]
                order: Literal["asc", "desc"] = "asc",
                limit: int = LIMIT, offset: int = OFFSET):
     """Live hosts with state, score and counts; filtered, sorted (hosts without a value
     sort last) and paginated."""
-    return data.hosts(web(request).store, state=state, model=model, q=q, sort=sort, order=order,
+    return reads.hosts_page(web(request).store, state=state, model=model, q=q, sort=sort, order=order,
                       limit=limit, offset=offset)
 
 
@@ -215,7 +224,7 @@ def get_host(request: Request, host: str = HostName, _: Principal = Depends(read
     """One host (removed ones too): standing, components, honesty evidence, state
     history with reasons, feedback."""
     ctx = web(request)
-    found = data.host(ctx.store, host, ctx.reputation)
+    found = reads.host_detail(ctx.store, host, ctx.service.reputation)
     if found is None:
         raise not_found(f"host named {host!r}")
     return found
@@ -232,19 +241,19 @@ def host_history(request: Request, host: str = HostName, _: Principal = Depends(
     ctx = web(request)
     if ctx.store.get_host(host) is None:
         raise not_found(f"host named {host!r}")
-    return data.history(ctx.store, host, limit=limit, offset=offset, verdict=verdict, failed=failed)
+    return reads.history(ctx.store, host, limit=limit, offset=offset, verdict=verdict, failed=failed)
 
 
 @router.get("/hosts/{host}/series", response_model=list[SeriesPoint], tags=["hosts"],
             responses={**NO_TOKEN, 404: {"description": "No such host."}})
 def host_series(request: Request, host: str = HostName, _: Principal = Depends(reader),
-                points: int = Query(data.SERIES_POINTS, ge=2, le=1000)):
+                points: int = Query(reads.SERIES_POINTS, ge=2, le=1000)):
     """The host's score over time (and its availability, latency and feedback
     components), recomputed from the stored answers at up to `points` of them."""
     ctx = web(request)
     if ctx.store.get_host(host) is None:
         raise not_found(f"host named {host!r}")
-    return data.series(ctx.store, host, ctx.reputation, points)
+    return reads.series(ctx.store, host, ctx.service.reputation, points)
 
 
 @router.get("/probes/{probe_id}", response_model=ProbeDetail, tags=["probes"],
@@ -256,8 +265,8 @@ def get_probe(request: Request, probe_id: str = ProbeId, who: Principal = Depend
     """A probe: prompt, settings, the host's answer, its score, per-token gaps against
     the reference, and the reference's own re-run."""
     ctx = web(request)
-    found = data.probe(ctx.store, ctx.scorer, probe_id, rerun=rerun,
-                       spend=ctx.limits.spender(request, who))
+    found = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=rerun,
+                               spend=ctx.limits.spender(request, who))
     if found is None:
         raise not_found(f"probe {probe_id!r}")
     return found
@@ -278,14 +287,12 @@ def add_host(request: Request, body: HostIn, who: Principal = Depends(admin)):
     """Add a host (or bring back a removed one with its history)."""
     ctx = web(request)
     try:
-        ctx.registry.get(body.model)
+        ctx.service.add_host(body.name, body.url, body.model, token_env=body.credentials)
     except RegistryError as exc:
         raise unprocessable("model", str(exc)) from None
-    try:
-        ctx.store.add_host(body.name, body.url, body.model, token_env=body.token_env)
     except (ValueError, IntegrityError) as exc:  # IntegrityError: added concurrently
         raise HTTPException(409, str(exc).splitlines()[0]) from None
-    return data.host_row(ctx.store, body.name)
+    return reads.host_row(ctx.store, body.name)
 
 
 @router.delete("/hosts/{host}", response_model=HostDetail, tags=["admin"],
@@ -293,13 +300,14 @@ def add_host(request: Request, body: HostIn, who: Principal = Depends(admin)):
 def remove_host(request: Request, host: str = HostName, who: Principal = Depends(admin)):
     """Stop probing a host and hide it from lists; its history stays."""
     ctx = web(request)
-    if ctx.store.get_host(host) is None:
-        raise not_found(f"host named {host!r}")
-    ctx.store.remove_host(host)
-    return data.host(ctx.store, host, ctx.reputation)
+    try:
+        ctx.service.remove_host(host)
+    except UnknownHost:
+        raise not_found(f"host named {host!r}") from None
+    return reads.host_detail(ctx.store, host, ctx.service.reputation)
 
 
-@router.post("/hosts/{host}/{action}", response_model=Transition, tags=["admin"],
+@router.post("/hosts/{host}/{action}", response_model=TransitionOut, tags=["admin"],
              responses={**ADMIN_ONLY, 404: {"description": "No such host."},
                         409: {"description": "Not allowed from the host's state (e.g. releasing a host "
                                               "that is not flagged), or the state changed meanwhile."}})
@@ -307,17 +315,12 @@ def host_action(request: Request, action: Literal["disable", "enable", "release"
                 body: AdminNote | None = None, who: Principal = Depends(admin)):
     """disable: stop probing, score 0, until enable. enable: back as new. release: a
     flagged host to probation (its evidence restarts). Stored with who and why."""
-    ctx = web(request)
-    h = ctx.store.get_host(host)
-    if h is None:
-        raise not_found(f"host named {host!r}")
     try:
-        t = getattr(reputation, action)(h["state"], at=datetime.now(UTC), by=who.by,
-                                        note=body.note if body else "")
-    except reputation.InvalidTransition as exc:
+        t = web(request).service.transition(host, action, by=who.by, note=body.note if body else "")
+    except UnknownHost:
+        raise not_found(f"host named {host!r}") from None
+    except (InvalidTransition, StateChanged) as exc:
         raise HTTPException(409, str(exc)) from None
-    if ctx.store.set_state(host, t.state_to, evidence=t.evidence, reason=t.reason, expect=h["state"]) is None:
-        raise HTTPException(409, f"{host} changed state meanwhile; read it again")
     return {"host": host, "state_from": t.state_from, "state_to": t.state_to, "reason": t.reason}
 
 
@@ -325,12 +328,7 @@ def host_action(request: Request, action: Literal["disable", "enable", "release"
              responses={**ADMIN_ONLY, 404: {"description": "No such probe."}})
 def add_feedback(request: Request, body: FeedbackIn, probe_id: str = ProbeId, who: Principal = Depends(admin)):
     """A person's rating of one answer; folded into the host's score at once."""
-    from validator.daemon import refresh_reputation
-
-    ctx = web(request)
-    p = ctx.store.probe(probe_id)
-    if p is None:
-        raise not_found(f"probe {probe_id!r}")
-    fid = ctx.store.add_feedback(probe_id, body.rating, body.note)
-    refresh_reputation(ctx.store, p["host"], ctx.reputation)
-    return {"id": fid, "probe_id": probe_id, "host": p["host"], "score": ctx.store.get_host(p["host"])["score"]}
+    try:
+        return web(request).service.add_feedback(probe_id, body.rating, body.note)
+    except UnknownProbe:
+        raise not_found(f"probe {probe_id!r}") from None

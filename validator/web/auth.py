@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..store import Store
+from validator.store import Store
 
 PREFIX = "vt_"  # makes a leaked token recognisable (secret scanners, logs)
 COOKIE = "validator_token"

@@ -24,11 +24,12 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from ..store import STATES
-from . import data
-from .auth import COOKIE, Principal, bearer, identify, token_hash
-from .limits import RateLimited
-from .scorer import ModelUnavailable
+from validator.store import STATES
+from validator.service import reads
+from validator.service.provenance import describe
+from validator.web.auth import COOKIE, Principal, bearer, identify, token_hash
+from validator.web.limits import RateLimited
+from validator.service.scorer import ModelUnavailable
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -62,7 +63,7 @@ def gap_class(gap) -> str:
     return next(cls for bound, cls in GAP_BANDS if gap < bound)
 
 
-templates.env.globals.update(fmt=fmt, when=when, pval=pval, gap_class=gap_class)
+templates.env.globals.update(fmt=fmt, when=when, pval=pval, gap_class=gap_class, describe=describe)
 
 
 def _viewer(request: Request, creds: HTTPAuthorizationCredentials | None) -> Principal | None:
@@ -100,10 +101,10 @@ def hosts_page(request: Request, creds=Depends(bearer), state: str | None = None
     if who is None:
         return _login(request)
     state = state if state in STATES else None
-    sort = sort if sort in data.HOST_SORTS else "score"
+    sort = sort if sort in reads.HOST_SORTS else "score"
     order = order if order in ("asc", "desc") else "desc"
-    hosts = data.hosts(request.app.state.web.store, state=state, sort=sort, order=order,
-                       limit=data.MAX_PAGE, offset=min(max(0, offset), data.MAX_OFFSET))
+    hosts = reads.hosts_page(request.app.state.web.store, state=state, sort=sort, order=order,
+                             limit=reads.MAX_PAGE, offset=min(max(0, offset), reads.MAX_OFFSET))
     base = {"state": state} if state else {}
 
     def sort_query(key: str) -> str:
@@ -124,15 +125,15 @@ def host_page(request: Request, host: str, creds=Depends(bearer), offset: int = 
     if who is None:
         return _login(request)
     ctx = request.app.state.web
-    h = data.host(ctx.store, host, ctx.reputation)
+    h = reads.host_detail(ctx.store, host, ctx.service.reputation)
     if h is None:
         return _not_found(request, who, f"No host named {host!r}.")
-    points = data.series(ctx.store, host, ctx.reputation)
+    points = reads.series(ctx.store, host, ctx.service.reputation)
     chart = {"x": [p["at"].isoformat() for p in points], "ymin": 0, "ymax": 1,
              "series": [{"name": k, "values": [p[k] for p in points], "color": c,
                          "width": 2.5 if k == "score" else 1.5}
                         for k, c in SERIES_COLOURS.items() if any(p[k] is not None for p in points)]}
-    answers = data.history(ctx.store, host, limit=ANSWERS_PER_PAGE, offset=min(max(0, offset), data.MAX_OFFSET))
+    answers = reads.history(ctx.store, host, limit=ANSWERS_PER_PAGE, offset=min(max(0, offset), reads.MAX_OFFSET))
     return _page(request, "host.html", who, h=h, chart=chart, page=answers,
                  page_query=lambda at: urlencode({"offset": max(0, at)}))
 
@@ -144,7 +145,8 @@ def probe_page(request: Request, probe_id: str, creds=Depends(bearer)):
         return _login(request)
     ctx = request.app.state.web
     try:
-        p = data.probe(ctx.store, ctx.scorer, probe_id, rerun=True, spend=ctx.limits.spender(request, who))
+        p = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=True,
+                               spend=ctx.limits.spender(request, who))
     except ModelUnavailable as exc:
         return _page(request, "error.html", who, 503, status=503, message=str(exc))
     except RateLimited as exc:

@@ -1,17 +1,28 @@
-"""POST /validator/v1/llm: the network's validator API (shared/reference/flexstack.md).
+"""POST /validator/v1/llm: the network's validator API (docs/flexstack-api.md).
 
 Each (prompt, response) pair is scored on components, each in [0, 1]:
 
-- `judge`: the reference model as the judge, i.e. its own evidence for the response:
-  the p-value of `validator audit`'s scorer (teacher-forced log-probs of the response
-  given the prompt under the request's sampling settings). 1: exactly what an honest
-  host of the model produces; near 0: not this model, or not these settings.
+- `fidelity`: how surely the response is what the claimed model produces under the
+  request's sampling settings: the p-value of `validator audit`'s scorer (teacher-forced
+  log-probs of the response given the prompt on the reference model). 1: exactly what an
+  honest host of the model produces; near 0: not this model, or not these settings.
+- `judge`: an LLM as judge (validator.scoring.judge): a model of the registry
+  (`serve.llm.judge_model`, default the reference) grades the response against the prompt
+  and the ground truth on a fixed 1-5 rubric, read from the probabilities of the grade
+  tokens (no sampling). What a small judge can and cannot do: benchmarks/judge.py.
 - `cosine`: cosine similarity (all-MiniLM-L6-v2 sentence embeddings, clipped at 0)
   between the response and the pair's ground truth, when one is given.
 - `reference_similarity`: the same cosine between the response and the reference
   model's own fixed-seed answer to the prompt.
 - `feedback`: when the request names a `host`, its stored human ratings, as the
   reputation's feedback component (ratings 1-5 as (r-1)/4, recent ones weighted most).
+
+Components are plug-ins: a distribution may register more under the entry-point group
+`validator.llm_components` (name = component; the object is a callable taking a `Pairs`
+and returning one score in [0, 1] or None per pair); it counts once `serve.llm.weights`
+gives it a weight. SAFE (a search-augmented factuality evaluator: split the response into
+facts, search the web for each, rate the share supported) is one an operator with a
+search engine can add this way; nothing here calls out to the network.
 
 A pair's score is the weighted mean of the components it has (weights from
 `serve.llm.weights`; a missing component drops out and the rest are renormalised).
@@ -21,6 +32,10 @@ The aggregate holds the mean score, the mean of each component, and the verdict 
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -32,13 +47,17 @@ from validator.reputation import components as reputation_components
 from validator.models.sampling import MAX_TOKENS_LIMIT, Settings, SettingsError
 from validator.web.api import unprocessable
 from validator.web.auth import Principal, llm_caller
-from validator.web.data import finite
+from validator.scoring.batch import AnswerRecord
+from validator.service.audit import audit_records
+from validator.service.operations import ratings
+from validator.service.reads import finite
 from validator.web.limits import RATE_LIMITED
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 HARD_MAX_PAIRS = 10_000  # schema ceilings; the configured caps (serve.llm) are lower
 HARD_MAX_CHARS = 1_000_000
-COMPONENTS = ("cosine", "judge", "feedback", "reference_similarity")
+ENTRY_POINT_GROUP = "validator.llm_components"
 
 
 class Configs(BaseModel):
@@ -69,7 +88,8 @@ class LlmRequest(BaseModel):
     questions: Texts | None = Field(None, max_length=HARD_MAX_PAIRS, description="Same as `prompts`.")
     answers: Texts | None = Field(None, max_length=HARD_MAX_PAIRS, description="Same as `responses`.")
     ground_truths: list[str | None] | None = Field(None, max_length=HARD_MAX_PAIRS,
-                                                   description="Expected answers (optional; null for none).")
+                                                   description="Expected answers (optional; null for none; "
+                                                               "an empty list, the network's default, is none).")
     model: str | None = Field(None, max_length=128, description="Registry name of the model the responses "
                                                                 "claim (default: serve.llm.model).")
     configs: Configs | None = None
@@ -78,6 +98,8 @@ class LlmRequest(BaseModel):
 
     @model_validator(mode="after")
     def _pairs(self) -> "LlmRequest":
+        if self.ground_truths == []:  # the network's own tooling sends [] for "none"
+            self.ground_truths = None
         for a, b in (("prompts", "questions"), ("responses", "answers")):
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"give `{a}` or `{b}`, not both")
@@ -117,7 +139,8 @@ class LlmRequest(BaseModel):
 class PairResult(BaseModel):
     index: int
     score: float | None = Field(description="Weighted mean of the components present; None if none is.")
-    components: dict[Literal[COMPONENTS], float]  # type: ignore[valid-type]
+    components: dict[str, float] = Field(description="fidelity, judge, cosine, reference_similarity, "
+                                                     "feedback and any plug-in's, where present.")
     verdict: Literal["pass", "inconclusive", "fail", "error"] = Field(
         description="The reference's verdict on the response (error: it could not be scored, see reasons).")
     p_value: float | None = Field(description="Chance an honest host of the model produces evidence this strong.")
@@ -130,7 +153,7 @@ class PairResult(BaseModel):
 
 class Aggregate(BaseModel):
     score: float | None = Field(description="Mean of the pairs' scores.")
-    components: dict[Literal[COMPONENTS], float]  # type: ignore[valid-type]
+    components: dict[str, float]
     verdict: Literal["honest", "dishonest", "inconclusive"] = Field(
         description="Fisher's method over the pairs' p-values (`validator audit`'s host rule).")
     p_value: float
@@ -141,7 +164,7 @@ class Aggregate(BaseModel):
 class LlmResponse(BaseModel):
     model: str
     configs: dict[str, Any] = Field(description="The sampling settings the responses were judged under.")
-    weights: dict[Literal[COMPONENTS], float]  # type: ignore[valid-type]
+    weights: dict[str, float]
     results: list[PairResult]
     aggregate: Aggregate
 
@@ -189,37 +212,95 @@ def _cosines(scorer, responses: list[str], others: list[str | None]) -> list[flo
     return out
 
 
+@dataclass
+class Pairs:
+    """What a component sees: the request's pairs, the reference's output for each (its
+    verdict, p-value and metrics, with the re-run when serve.llm.rerun), and the web
+    context (store, scorer, registry, config)."""
+    prompts: list[str]
+    responses: list[str]
+    ground_truths: list[str | None]
+    model: str
+    settings: Settings
+    host: str | None
+    audit: list[dict]
+    ctx: Any = field(repr=False)
+
+
+def _fidelity(pairs: Pairs) -> list[float | None]:
+    return [o.get("p_value") if o["verdict"] != "error" else None for o in pairs.audit]
+
+
+def _cosine(pairs: Pairs) -> list[float | None]:
+    return _cosines(pairs.ctx.service.scorer, pairs.responses, pairs.ground_truths)
+
+
+def _reference_similarity(pairs: Pairs) -> list[float | None]:
+    return _cosines(pairs.ctx.service.scorer, pairs.responses, [(o.get("metrics") or {}).get("rerun") for o in pairs.audit])
+
+
+def _judge(pairs: Pairs) -> list[float | None]:
+    name = pairs.ctx.config.llm.judge_model or pairs.model
+    grades = pairs.ctx.service.scorer.judge(name, list(zip(pairs.prompts, pairs.responses, pairs.ground_truths)))
+    return [None if g is None else g.score for g in grades]
+
+
+def _feedback(pairs: Pairs) -> list[float | None]:
+    if pairs.host is None:
+        return [None] * len(pairs.prompts)
+    value = reputation_components([], ratings(pairs.ctx.store, pairs.host),
+                                  pairs.ctx.service.reputation).get("feedback")
+    return [value] * len(pairs.prompts)
+
+
+BUILTIN: dict[str, Callable[[Pairs], list[float | None]]] = {
+    "fidelity": _fidelity, "judge": _judge, "cosine": _cosine,
+    "reference_similarity": _reference_similarity, "feedback": _feedback}
+
+
+@cache
+def components() -> dict[str, Callable[[Pairs], list[float | None]]]:
+    """The built-in components and those installed under ENTRY_POINT_GROUP (a plug-in
+    cannot replace a built-in)."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            log.warning("llm component %s from %s ignored: the name is taken", ep.name, ep.value)
+            continue
+        try:
+            found[ep.name] = ep.load()
+        except Exception:  # noqa: BLE001 - a broken plug-in must not take the endpoint down
+            log.warning("llm component %s (%s) cannot be loaded", ep.name, ep.value, exc_info=True)
+    return found
+
+
 def score_pairs(req: LlmRequest, ctx, spend: Callable[[], None] = lambda: None) -> dict:
     """`spend` is called once the request is known to be valid, before any model work
     (it counts against the caller's rate limit, which may refuse with 429)."""
     model, settings = _check(req, ctx)
     spend()
     cfg = ctx.config.llm
-    weights = cfg.weights.model_dump()
     prompts, responses = req.pair_prompts, req.pair_responses
     host = req.host or "request"
-    records = [{"id": i, "host": host, "model": model, "messages": [{"role": "user", "content": p}],
-                "configs": settings.as_configs(), "response": r}
+    scorer = ctx.service.scorer
+    records = [AnswerRecord(i, host, model, [{"role": "user", "content": p}], settings, r)
                for i, (p, r) in enumerate(zip(prompts, responses))]
-    outputs, hosts = ctx.scorer.audit(records, rerun=cfg.rerun)
-    reruns = [(o.get("metrics") or {}).get("rerun") for o in outputs]
-    cosine = _cosines(ctx.scorer, responses, req.ground_truths or [None] * len(responses))
-    ref_sim = _cosines(ctx.scorer, responses, reruns)
-    feedback = None
-    if req.host is not None:
-        ratings = [f["rating"] for f in reversed(ctx.store.feedback_for(req.host))]
-        feedback = reputation_components([], ratings, ctx.reputation).get("feedback")
+    outputs, hosts = audit_records(records, scorer, rerun=cfg.rerun)
+    pairs = Pairs(prompts, responses, req.ground_truths or [None] * len(responses), model, settings,
+                  req.host, outputs, ctx)
+    available = components()
+    weights = {k: w for k, w in cfg.weights.items() if k in available}
+    # A component is computed when it is weighed, or is one of the built-ins (reported).
+    values = {name: fn(pairs) for name, fn in available.items() if weights.get(name) or name in BUILTIN}
 
     results = []
     for i, out in enumerate(outputs):
         m = out.get("metrics") or {}
-        found = {"cosine": cosine[i], "judge": out.get("p_value") if out["verdict"] != "error" else None,
-                 "feedback": feedback, "reference_similarity": ref_sim[i]}
-        parts = {k: v for k, v in found.items() if v is not None}
-        total = sum(weights[k] for k in parts)
+        parts = {k: float(v[i]) for k, v in values.items() if v[i] is not None}
+        total = sum(weights.get(k, 0.0) for k in parts)
         results.append({
             "index": i, "components": parts,
-            "score": sum(weights[k] * v for k, v in parts.items()) / total if total > 0 else None,
+            "score": sum(weights.get(k, 0.0) * v for k, v in parts.items()) / total if total > 0 else None,
             "verdict": out["verdict"], "p_value": out.get("p_value"), "reasons": out.get("reasons", []),
             "reference_answer": m.get("rerun"), "similarity": m.get("similarity"),
             "metrics": {k: m[k] for k in ("tokens", "mean_logprob", "gap", "mode") if k in m},
@@ -228,7 +309,7 @@ def score_pairs(req: LlmRequest, ctx, spend: Callable[[], None] = lambda: None) 
     summary = hosts.get(host, {"verdict": "inconclusive", "p_value": 1.0})
     aggregate = {
         "score": float(np.mean(scored)) if scored else None,
-        "components": {k: float(np.mean(v)) for k in COMPONENTS
+        "components": {k: float(np.mean(v)) for k in values
                        if (v := [r["components"][k] for r in results if k in r["components"]])},
         "verdict": summary["verdict"], "p_value": summary["p_value"], "pairs": len(results),
         "errors": sum(r["verdict"] == "error" for r in results),

@@ -9,6 +9,9 @@ running totals the store keeps (`tallies`), so a scrape does not grow with the h
 - validator_queue_depth: answers awaiting scoring
 - validator_hosts{state}: live hosts by state (every state, zeros included)
 - validator_host_score{host}: each live host's score
+- validator_host_state{host,state}: 1 for each live host's current state
+- validator_heartbeat_timestamp_seconds{validator}: last heartbeat of each validator that
+  has not stopped cleanly (Unix time; `time() - ...` is how long it has been silent)
 - validator_last_round: highest round claimed or probed
 """
 
@@ -57,10 +60,20 @@ class StoreCollector(Collector):
             by_state.add_metric([state], status["hosts_by_state"].get(state, 0))
         yield by_state
         score = GaugeMetricFamily("validator_host_score", "A live host's score (0..1).", labels=["host"])
+        state = GaugeMetricFamily("validator_host_state", "1 for a live host's current state.",
+                                  labels=["host", "state"])
         for h in self.store.list_hosts():
             if h["score"] is not None:
                 score.add_metric([h["name"]], h["score"])
+            state.add_metric([h["name"], h["state"]], 1)
         yield score
+        yield state
+        beat = GaugeMetricFamily("validator_heartbeat_timestamp_seconds", "Last heartbeat of a validator "
+                                 "that has not stopped cleanly (Unix time).", labels=["validator"])
+        for v in self.store.validators():
+            if v["stopped_at"] is None:
+                beat.add_metric([v["name"]], v["heartbeat_at"].timestamp())
+        yield beat
         if status["last_round"] is not None:
             yield GaugeMetricFamily("validator_last_round", "Highest round claimed or probed.",
                                     value=status["last_round"])
