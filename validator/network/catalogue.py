@@ -81,6 +81,11 @@ class OfflineNetwork(Network):
             self._own[(model, name)] = load_engine(self.registry, model, name)
         return self._own[(model, name)]
 
+    def close(self) -> None:
+        """Let go of this network's own engines and its remembered answers."""
+        self._own.clear()
+        self._memo.clear()
+
     async def generate(self, model: str, engine_name: str, messages: list[dict],
                        settings: Settings) -> str:
         loop = asyncio.get_running_loop()

@@ -128,12 +128,12 @@ def _answer(spec: ModelSpec, prompts_path, engine_names: list[str], limit: int,
     records: dict[str, list[dict]] = {}
     for name in engine_names:
         hosts = honest_hosts(name)
-        # One engine in memory at a time (each may be a large model): it goes with `network`.
+        # One engine in memory at a time: each may be a large model.
         network = OfflineNetwork.of(hosts, spec.name, Registry({spec.name: spec}), shared_engines=False)
         for host in hosts:
             log(f"answering {len(probes)} probes with {host} ...")
             records[host] = network.records(host, probes)
-        del network
+        network.close()
     return records
 
 
