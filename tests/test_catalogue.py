@@ -119,3 +119,15 @@ def test_calibration_answers_come_from_the_honest_strategies(spec):
         "transformers-bfloat16": {"strategy": "honest-transformers", "dtype": "bfloat16"}}
     with pytest.raises(ValueError, match="unknown engine"):
         calibration.honest_hosts("vllm")
+
+
+def test_the_recorded_answers_follow_the_catalogue(registry, probes):
+    """tests/data/answers.jsonl is regenerated when a strategy, the catalogue or a host's
+    options change."""
+    from .answers import SOURCES, fingerprint
+
+    assert {"simulator.py", "catalogue.py", "engines.py"} <= {p.rsplit("/", 1)[-1] for p in SOURCES}
+    plan = {"honest": HONEST, "cheats": CHEATS}
+    changed = {**CATALOGUE, "honest-llama.cpp-stripped": {"strategy": "honest-llama.cpp", "strip": "leading"}}
+    assert (fingerprint(OfflineNetwork.of(changed, MODEL, registry), probes, plan)
+            != fingerprint(catalogue_network(MODEL, registry=registry), probes, plan))
