@@ -1,5 +1,8 @@
 """Write audit records (JSONL) answered by real honest and cheating hosts.
 
+Hosts are named from validator.network.catalogue.CATALOGUE (the simulator's strategies,
+run offline, their engine calls batched).
+
     python benchmarks/make_records.py --out examples/records.jsonl --prompts 6 \
         --hosts honest-llama.cpp,honest-transformers-bf16,cheat-other-model,cheat-layers-removed,cheat-hotter,cheat-truncated,cheat-replayed,cheat-greedy-when-sampling
     python benchmarks/make_records.py --out benchmarks/results/audit_records.jsonl --prompts 25 --first 0
@@ -20,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from validator.network.engines import HostFactory  # noqa: E402
+from validator.network.catalogue import CATALOGUE, catalogue_network  # noqa: E402
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
 from validator.models.registry import Registry  # noqa: E402
 
@@ -30,11 +33,13 @@ DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-ot
 def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40) -> list[dict]:
     bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
     probes = greedy_and_sampled(bank, load_mix(), seed=2026)
-    factory = HostFactory(Registry.load(), model)
+    network = catalogue_network(model, hosts, Registry.load())
     records = []
     for host in hosts:
-        print(f"answering {len(probes)} probes as {host} ...", file=sys.stderr)
-        records += factory.records(host, probes)
+        # Greedy-when-sampling differs from an honest host only on sampled probes.
+        asked = [p for p in probes if not p[1].greedy] if host == "cheat-greedy-when-sampling" else probes
+        print(f"answering {len(asked)} probes as {host} ...", file=sys.stderr)
+        records += network.records(host, asked)
     return records
 
 
@@ -43,7 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
-    ap.add_argument("--hosts", default=DEFAULT_HOSTS)
+    ap.add_argument("--hosts", default=DEFAULT_HOSTS, help="comma separated: " + ", ".join(CATALOGUE))
     args = ap.parse_args()
     records = make_records(args.prompts, args.hosts.split(","), first=args.first)
     args.out.parent.mkdir(parents=True, exist_ok=True)
