@@ -9,7 +9,10 @@ run offline, their engine calls batched).
 
 Prompts come from the general bank, by default starting after the ones the tests use
 (the speed benchmarks' records start at the first, `--first 0`); each is
-asked once greedily and once sampled (settings from configs/settings.yaml).
+asked once greedily and once sampled (settings from a mix in configs/settings.yaml:
+`calibration`, the short answers the committed records were made with, unless --mix
+names another; `--mix default` gives answers of the length users ask for, up to 512 and
+1024 tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -30,9 +34,11 @@ from validator.models.registry import Registry  # noqa: E402
 DEFAULT_HOSTS = "honest-llama.cpp,honest-transformers-bf16,cheat-hotter,cheat-other-model"
 
 
-def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40) -> list[dict]:
+def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", first: int = 40,
+                 mix: str = "calibration", max_tokens: int | None = None) -> list[dict]:
     bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
-    probes = greedy_and_sampled(bank, load_mix(), seed=2026)
+    settings = [(w, replace(s, max_tokens=min(s.max_tokens, max_tokens or s.max_tokens))) for w, s in load_mix(mix)]
+    probes = greedy_and_sampled(bank, settings, seed=2026)
     network = catalogue_network(model, hosts, Registry.load())
     records = []
     for host in hosts:
@@ -49,8 +55,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
     ap.add_argument("--hosts", default=DEFAULT_HOSTS, help="comma separated: " + ", ".join(CATALOGUE))
+    ap.add_argument("--mix", default="calibration", help="settings mix (configs/settings.yaml)")
+    ap.add_argument("--max-tokens", type=int, help="cap every setting's max_tokens")
     args = ap.parse_args()
-    records = make_records(args.prompts, args.hosts.split(","), first=args.first)
+    records = make_records(args.prompts, args.hosts.split(","), first=args.first, mix=args.mix,
+                           max_tokens=args.max_tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for r in records:

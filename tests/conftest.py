@@ -56,7 +56,7 @@ def tolerances(spec) -> Tolerances:
 def probes():
     """Probes from the general bank (calibration used a different bank)."""
     prompts = load_bank("configs/prompts/general.yaml")[:HONEST_PROMPTS]
-    return greedy_and_sampled(prompts, load_mix(), seed=7)
+    return greedy_and_sampled(prompts, load_mix("calibration"), seed=7)
 
 
 @pytest.fixture(scope="session")

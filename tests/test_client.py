@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from validator.probing.client import CallRecord, Err, FlexstackClient, Timeouts
+from validator.probing.client import CallRecord, Err, FlexstackClient, Timeouts, Wire
 from validator.models.sampling import Settings
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -286,21 +286,28 @@ def test_streamed_and_plain_answers_are_identical(answer):
     assert plain.configs_echo["max_new_tokens"] == 64 and streamed.configs_echo is None
 
 
-def test_request_shape_sends_both_token_limits():
+def test_request_shape_is_the_network_clients():
+    """As the network's Python client posts: no query on a plain call, `configs` with
+    max_new_tokens only (docs/probes.md; tests/test_probes.py compares with `requests`)."""
     rec, host = call(served_by="gpu-host-7")
     assert rec.ok and rec.served_by == "gpu-host-7"
     req = host.requests[-1]
-    assert req["path"] == "/v1/ai/text_completion" and req["query"] == {"stream": ["false"]}
+    assert req["path"] == "/v1/ai/text_completion" and req["query"] == {}
     assert req["headers"]["authorization"] == "Bearer good"
     assert req["headers"]["content-type"] == "application/json"
+    assert req["headers"]["user-agent"].startswith("python-requests/")
     body = json.loads(req["body"])
-    assert body["messages"] == MSGS
+    assert list(body) == ["messages", "configs"] and body["messages"] == MSGS
     assert body["configs"] == {"model": "gemma-7b", "temperature": 0.0, "top_k": 10,
-                               "top_p": 0.9, "max_tokens": 64, "max_new_tokens": 64}
+                               "top_p": 0.9, "max_new_tokens": 64}
+    assert list(body["configs"]) == ["model", "temperature", "top_k", "top_p", "max_new_tokens"]
     assert rec.configs_echo == body["configs"]
     rec, host = call(stream=True, served_by="gpu-host-8")
     assert rec.ok and rec.served_by == "gpu-host-8"
     assert host.requests[-1]["query"] == {"stream": ["true"]}
+    rec, host = run(lambda host, c: c.complete(MSGS, SETTINGS), wire=Wire(max_tokens_fields=(
+        "max_new_tokens", "max_tokens"))), None
+    assert rec.ok and rec.configs_echo["max_tokens"] == rec.configs_echo["max_new_tokens"] == 64
 
 
 def test_bad_arguments_raise():

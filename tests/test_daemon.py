@@ -27,6 +27,7 @@ TIMEOUT = 240
 
 def write_config(tmp: Path, database: str, urls: dict[str, str], **rounds) -> Path:
     cfg = {"database": database, "secret": "test-secret", "prompts": "configs/prompts/general.yaml",
+           "settings_mix": "short",
            "rounds": {"interval_s": 1e9,  # one round number for decades: restarts resume it
                       "jitter_s": 0, "spread_s": 0, "probes_per_host": PROBES, "concurrency": 4,
                       "claim_batch": 2, "lease_s": 600, **rounds},

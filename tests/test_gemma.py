@@ -34,7 +34,7 @@ def test_gemma_prompt_and_token_bytes(gemma):
 
 
 def test_gemma_honest_llama_cpp_answers_pass(gemma, registry):
-    probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[:8], load_mix(), seed=3)
+    probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[:8], load_mix("calibration"), seed=3)
     hosts = OfflineNetwork.of({"gemma-llama.cpp": CATALOGUE["honest-llama.cpp"]}, "gemma-3-270m", registry)
     records = hosts.records("gemma-llama.cpp", probes)
     lines, hosts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={"gemma-3-270m": gemma}))

@@ -196,7 +196,7 @@ def test_credentials_login_refresh_and_rejection():
     assert stale.ok and stale.attempts == 2
 
 
-def test_without_credentials_any_bearer_is_accepted_but_one_is_required():
+def test_without_credentials_any_bearer_or_none_is_accepted():
     with static_network() as net:
         url = net.urls["a"] + "/ai/text_completion"
         body = {"messages": MSGS, "configs": {"temperature": 0}}
@@ -210,7 +210,7 @@ def test_without_credentials_any_bearer_is_accepted_but_one_is_required():
     assert anyone.status_code == 200
     assert anyone.json()["data"]["data"]["response"] == STATIC_TEXT
     assert anyone.json()["data"]["configs"]["temperature"] == 0
-    assert nobody.status_code == 401
+    assert nobody.status_code == 200  # a validator without a token sends no Authorization
     assert bad_role.status_code == 422
     assert bad_role.json()["detail"][0]["loc"] == ["body", "messages", 0, "role"]
     assert bad_configs.status_code == 422 and "top_p" in bad_configs.json()["detail"][0]["msg"]
@@ -340,7 +340,7 @@ def test_simulated_hosts_pass_or_fail_audit(model_network, registry, ref):
     """Every model-backed strategy answers probes through the client; `validator audit`'s
     scorer finds the honest hosts honest and every cheat dishonest."""
     prompts = load_bank("configs/prompts/general.yaml")[40:40 + PROBES_PER_HOST // 2]
-    probes = greedy_and_sampled(prompts, load_mix(), seed=23)
+    probes = greedy_and_sampled(prompts, load_mix("calibration"), seed=23)
 
     async def main():
         async with httpx.AsyncClient(trust_env=False) as http:

@@ -458,28 +458,74 @@ def probes_show(round_no: int = typer.Option(..., "--round", help="Round number.
                 host: str = typer.Option(..., "--host", help="Host name."),
                 config: Optional[Path] = CONFIG,
                 as_json: bool = typer.Option(False, "--json")):
-    """The probes a host gets in a round (derived from the secret: reproducible here,
-    unpredictable to hosts)."""
-    from validator.probing.probes import derive_probes, load_bank, load_mix
+    """The probes a host gets in a round and when each leaves (derived from the secret:
+    reproducible here, unpredictable to hosts)."""
+    from validator.probing.probes import arrival_offsets, derive_probes, load_bank, schedule_phase
     from validator.scoring.batch import rerun_seed
 
     cfg = _config(config)
     try:
-        probes = derive_probes(cfg.probe_secret(), round_no, host, load_bank(cfg.prompts),
-                               load_mix(cfg.settings_mix), cfg.rounds.probes_per_host)
+        secret = cfg.probe_secret()
+        probes = derive_probes(secret, round_no, host, load_bank(cfg.prompts), cfg.probe_mix(),
+                               cfg.rounds.probes_per_host)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    rounds = cfg.rounds
+    window = rounds.interval_s if rounds.spread_s is None else min(rounds.spread_s, rounds.interval_s)
+    start = round_no * rounds.interval_s + schedule_phase(secret, rounds.interval_s)
+    leaves = [start + o for o in arrival_offsets(secret, round_no, host, len(probes), window)]
     if as_json:
-        print(json.dumps([p.as_dict() for p in probes], indent=2))
+        print(json.dumps([{**p.as_dict(), "leaves_at": at} for p, at in zip(probes, leaves)], indent=2))
         return
     console = Console()
-    for p in probes:
+    for p, at in zip(probes, leaves):
         c = p.configs
-        console.print(f"[bold]{p.id}[/] #{p.index} prompt {p.prompt_id} "
+        console.print(f"[bold]{p.id}[/] #{p.index} prompt {p.prompt_id} leaves "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))} "
                       f"{'stream' if p.stream else 'plain'} T={c['temperature']} top_k={c['top_k']} "
                       f"top_p={c['top_p']} max_tokens={c['max_tokens']} (re-run seed {rerun_seed(p.messages, p.wire_settings)})")
         for m in p.messages:
             console.print(f"  [dim]{m['role']}:[/] {m['content']}", highlight=False)
+
+
+@probes_app.command("import")
+def probes_import(requests_file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                       help="JSONL of user requests: one object a line with `messages`."),
+                  out: Path = typer.Option(..., "--out", help="The bank to write (.jsonl, else YAML)."),
+                  min_chars: int = typer.Option(1, help="Drop conversations shorter than this (characters)."),
+                  max_chars: int = typer.Option(8000, help="Drop conversations longer than this (characters)."),
+                  mix_out: Optional[Path] = typer.Option(None, "--mix-out", help="Also write the settings the "
+                                                         "requests carried (`configs`) as the mix `imported` "
+                                                         "(for settings_file: and settings_mix:)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """Build a private prompt bank from exported user requests: de-duplicated, roles and
+    lengths checked; prints what was kept and what was dropped, and why."""
+    from validator.probing.probes import import_requests, write_bank, write_mix
+
+    with requests_file.open(encoding="utf-8", errors="replace") as fh:
+        prompts, report = import_requests(fh, min_chars=min_chars, max_chars=max_chars)
+    if prompts:
+        write_bank(prompts, out)
+    if mix_out and prompts:
+        try:
+            entries = write_mix(report.settings, mix_out)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--mix-out") from None
+        err.print(f"settings mix `imported` ({entries} settings, {sum(report.settings.values())} requests) "
+                  f"written to {mix_out}", highlight=False)
+    if as_json:
+        print(json.dumps({**report.as_dict(), "out": str(out) if prompts else None}, indent=2))
+    else:
+        err.print(f"read {report.read} requests; kept {report.kept}" + (f", written to {out}" if prompts else ""))
+        for reason, n in report.dropped.most_common():
+            err.print(f"  dropped {n}: {reason} (first at line {report.first_line[reason]})", highlight=False)
+    if not prompts:
+        err.print("[red]no request was kept: nothing written[/]")
+        raise typer.Exit(1)
+    repo = next((d for d in out.resolve().parents if (d / ".git").exists()), None)
+    if repo is not None:
+        err.print(f"[yellow]warning[/yellow] {out} is inside the git repository {repo}: keep the bank "
+                  "out of anything published, or hosts can read it")
 
 
 @app.command()
@@ -500,6 +546,10 @@ def run(config: Optional[Path] = CONFIG, db: Optional[str] = DB,
                                                           highlight=False))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    from validator.probing.probes import shipped_in_repository
+
+    for warning in shipped_in_repository(daemon.bank, daemon.secret):  # fine for a demo, not a deployment
+        err.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     progress = asyncio.run(daemon.run(max_rounds=rounds))
     err.print(f"stopped: {progress.rounds} rounds, {progress.sent} probes sent, "
               f"{progress.answered} answered, {progress.scored} scored")

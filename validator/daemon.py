@@ -3,19 +3,23 @@
 Two APScheduler jobs in one asyncio loop (APScheduler 3.x; its job store is in memory on
 purpose — our own tables are the durable state):
 
-- `round`: every `rounds.interval_s` (with jitter), claim hosts for the current round
-  (round number = time // interval, so every validator agrees on it), derive each host's
-  probes from the secret, send the ones without an answer yet, and commit every answer
-  the moment it arrives. Hosts start at random offsets within `spread_s`; at most
-  `concurrency` probes are in flight.
+- rounds (a loop of its own, not a job: a round lasts about its whole interval, and the
+  next one must start on time): a round is the lease over a host's probes for one
+  interval. Round r starts at r * interval + phase, the phase keyed by the secret, so
+  validators sharing a database (and a secret) agree on the round while no public clock
+  marks it. Each round claims the hosts, derives each host's probes from the secret, and
+  sends each one without an answer yet at its own random time within `spread_s` of the
+  round's start (Poisson arrivals per host; validator.probing.probes.arrival_offsets),
+  committing every answer the moment it arrives. A round's last probes may overlap the
+  next round's first. At most `concurrency` probes are in flight; a validator busy with
+  as many probes as that leaves further hosts to the other validators.
 - `score`: every `scoring.interval_s`, lease a batch of unscored answers across hosts,
   score them on the reference model (in a worker thread, so dispatching goes on),
   commit the scores, then update the reputation of each host involved.
 
-Job defaults are set on purpose: coalesce (a late round runs once, not once per missed
-interval), one instance per job (a slow round is not overlapped by the next), and a
-misfire grace as long as the interval (APScheduler's default of 1 s would silently skip a
-round whenever the loop is busy for a second).
+Job defaults are set on purpose: coalesce (a late run runs once, not once per missed
+interval), one instance per job, and a misfire grace as long as the interval
+(APScheduler's default of 1 s would silently skip a run whenever the loop is busy).
 
 SIGTERM/SIGINT drain: no new work is claimed, in-flight probes finish (bounded by the
 client's deadline), the scoring batch in progress commits, then the process exits.
@@ -42,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 
 from validator.models.registry import Registry
 from validator.probing.client import Attribution, AuthSession, CallRecord, Err, FlexstackClient
-from validator.probing.probes import derive_probes, load_bank, load_mix
+from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
 from validator.reputation import ReputationConfig, Transition
 from validator.service.config import ValidatorConfig
 from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
@@ -76,7 +80,9 @@ class Daemon:
         self.store = store or Store(config.database_url)
         self.registry = registry or Registry.load(config.models)
         self.bank = load_bank(config.prompts)
-        self.mix = load_mix(config.settings_mix)
+        self.mix = config.probe_mix()
+        self.phase = schedule_phase(self.secret, config.rounds.interval_s)
+        self.wire = config.client.wire()
         self.service = Service(self.store, self.registry, ReputationConfig.from_dict(config.reputation),
                                Scorer(self.registry, models=models))
         self.progress = Progress()
@@ -85,6 +91,10 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
         self._semaphore = asyncio.Semaphore(config.rounds.concurrency)
+        # Probes claimed and not yet known to wait for a later time, or due and not done:
+        # a validator claims more hosts only while this is below the concurrency.
+        self._busy = 0
+        self._busy_changed = asyncio.Condition()
         # Credentials key -> (credentials, the session their clients share across rounds).
         self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
         self._secrets = self._read_secrets()  # an unreadable file stops the start
@@ -101,13 +111,32 @@ class Daemon:
 
     # ------------------------------------------------------------------ probing
     def round_number(self, now: float | None = None) -> int:
-        return int((now if now is not None else time.time()) // self.config.rounds.interval_s)
+        now = time.time() if now is None else now
+        return int((now - self.phase) // self.config.rounds.interval_s)
 
-    async def probe_round(self, round_no: int | None = None) -> int:
-        """Claim and probe hosts for one round until none is left; returns hosts probed."""
+    def round_start(self, round_no: int) -> float:
+        return round_no * self.config.rounds.interval_s + self.phase
+
+    @property
+    def window_s(self) -> float:
+        """How much of a round a host's probes are spread over."""
+        rounds = self.config.rounds
+        return rounds.interval_s if rounds.spread_s is None else min(rounds.spread_s, rounds.interval_s)
+
+    async def _add_busy(self, n: int) -> None:
+        async with self._busy_changed:
+            self._busy += n
+            self._busy_changed.notify_all()
+
+    async def probe_round(self, round_no: int | None = None, started: float | None = None) -> int:
+        """Claim and probe hosts for one round until none is left; returns hosts probed.
+        `started`: the wall-clock start the probes' times count from (default: the
+        round's keyed start)."""
         round_no = self.round_number() if round_no is None else round_no
+        started = self.round_start(round_no) if started is None else started
         cfg = self.config.rounds
-        probed, started = 0, time.monotonic()
+        t0 = time.monotonic()
+        tasks: dict[str, asyncio.Task] = {}
         try:  # rotated credentials are picked up without a restart
             self._secrets = self._read_secrets()
         except CredentialsError as exc:
@@ -117,78 +146,121 @@ class Daemon:
         async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
                 max_connections=cfg.concurrency, keepalive_expiry=4.0)) as http:
             while not self.stopping.is_set():
-                hosts = await asyncio.to_thread(self.store.claim_host_rounds, round_no, self.owner,
-                                                cfg.claim_batch, cfg.lease_s)
-                if not hosts:
+                while self._busy >= cfg.concurrency and not self.stopping.is_set():
+                    async with self._busy_changed:
+                        with contextlib.suppress(TimeoutError):  # a stop does not notify
+                            await asyncio.wait_for(self._busy_changed.wait(), 1.0)
+                if self.stopping.is_set():
                     break
-                await asyncio.gather(*(self._probe_host_isolated(round_no, h, http) for h in hosts))
-                probed += len(hosts)
+                # A claim returns the hosts this validator already holds in the round too
+                # (restart recovery): ask for that many more, and start only new ones.
+                held = sum(not (t.done() and not t.cancelled() and t.exception() is None and t.result())
+                           for t in tasks.values())
+                hosts = await asyncio.to_thread(self.store.claim_host_rounds, round_no, self.owner,
+                                                cfg.claim_batch + held, cfg.lease_s)
+                new = [h for h in hosts if h not in tasks]
+                if not new:
+                    break
+                await self._add_busy(len(new) * cfg.probes_per_host)
+                tasks.update((h, asyncio.ensure_future(self._probe_host_isolated(round_no, h, http, started)))
+                             for h in new)
+            await asyncio.gather(*tasks.values())
         self.progress.rounds += 1
-        took = time.monotonic() - started
-        self.on_event(f"round {round_no}: {probed} hosts probed in {took:.0f} s"
-                      + (f" (longer than the {cfg.interval_s:.0f} s interval)" if took > cfg.interval_s else ""))
-        return probed
+        took = time.monotonic() - t0
+        self.on_event(f"round {round_no}: {len(tasks)} hosts probed in {took:.0f} s")
+        return len(tasks)
 
-    async def _probe_host_isolated(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
+    async def _probe_host_isolated(self, round_no: int, name: str, http: httpx.AsyncClient,
+                                   started: float) -> bool:
         """Probe one host; whatever that raises stays with the host (logged, its unanswered
         probes recorded as client_bug, its round closed) and the round goes on for the rest."""
         try:
-            await self._probe_host(round_no, name, http)
+            return await self._probe_host(round_no, name, http, started)
         except Exception as exc:  # noqa: BLE001 - one host must never abandon the round
             log.exception("round %s: probing host %s failed", round_no, name)
             self.on_event(f"round {round_no}: {name}: {type(exc).__name__} while probing "
                           f"(logged); its unanswered probes are recorded as client_bug")
-            await asyncio.to_thread(self._record_host_failure, round_no, name, exc)
+            return await asyncio.to_thread(self._record_host_failure, round_no, name, exc)
 
-    def _record_host_failure(self, round_no: int, name: str, exc: Exception) -> None:
+    def _record_host_failure(self, round_no: int, name: str, exc: Exception) -> bool:
         if self.stopping.is_set():  # probes left unsent by the stop are not failures: a restart sends them
-            return
+            return False
         try:
             for probe in self.store.pending_probes(round_no, name):
                 self.store.record_dispatch(probe["id"], _failed_call(exc, "probing the host"), self.owner)
             self.update_reputation(name)
-            self.store.finish_host_round(name, round_no, self.owner)
+            return self.store.finish_host_round(name, round_no, self.owner)
         except Exception:  # noqa: BLE001 - e.g. the database is down: the lease runs out, retried then
             log.exception("round %s: host %s: its failure could not be recorded", round_no, name)
+            return False
 
-    async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient) -> None:
+    async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient,
+                          started: float) -> bool:
+        """Send the host's pending probes of the round, each at its time; True when the
+        host's round is finished (False: stopped, or the lease went to another)."""
         cfg = self.config
-        host = await asyncio.to_thread(self.store.get_host, name)
-        probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
-                               cfg.rounds.probes_per_host)
-        await asyncio.to_thread(self.store.ensure_probes, round_no, name,
-                                [p.as_dict() for p in probes])
-        pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
-        if pending and cfg.rounds.spread_s:
-            await self._sleep(random.uniform(0, cfg.rounds.spread_s))
-        client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
-                                 attribution=self.attribution, http=http, timeouts=cfg.client.timeouts())
-        gateway = name in self.gateways
+        held = cfg.rounds.probes_per_host  # busy count this host holds (reserved when claimed)
 
-        async def send(probe) -> bool:
-            async with self._semaphore:
-                if self.stopping.is_set():
-                    return False
-                self.progress.sent += 1
-                record = await client.complete(probe.messages, probe.wire_settings,
-                                               model=host["model"], stream=probe.stream)
-            # Committed before anything else looks at it: a crash after this loses nothing.
-            if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner,
-                                       served_host=record.served_by if gateway else None):
-                self.progress.answered += record.ok
-            return record.ok
+        async def adjust(n: int) -> None:
+            nonlocal held
+            held += n
+            await self._add_busy(n)
 
-        # A round slower than the lease must keep it, or another validator re-sends the probes.
-        # A probe that raises leaves the others to finish and be stored; then the host's
-        # handler (_probe_host_isolated) records it.
-        renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
         try:
-            answered = await asyncio.gather(*(send(p) for p in probes if p.id in pending),
-                                            return_exceptions=True)
+            host = await asyncio.to_thread(self.store.get_host, name)
+            probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
+                                   cfg.rounds.probes_per_host)
+            await asyncio.to_thread(self.store.ensure_probes, round_no, name,
+                                    [p.as_dict() for p in probes])
+            pending = {p["id"] for p in await asyncio.to_thread(self.store.pending_probes, round_no, name)}
+            window, now = self.window_s, time.time()
+            due = [started + o for o in arrival_offsets(self.secret, round_no, name, len(probes), window)]
+            due = catch_up(due, now, window / len(probes), random.Random())
+            todo = [(p, at, at <= now) for p, at in zip(probes, due) if p.id in pending]
+            # Probes that wait for a later time are not busy until their time comes.
+            await adjust(sum(now_due for *_, now_due in todo) - held)
+            client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
+                                     attribution=self.attribution, http=http,
+                                     timeouts=cfg.client.timeouts(), wire=self.wire)
+            gateway = name in self.gateways
+
+            async def send(probe, at: float, counted: bool) -> bool:
+                if not counted:
+                    await self._sleep(at - time.time())
+                    if self.stopping.is_set():
+                        return False
+                    await adjust(1)
+                try:
+                    if renewer.done():
+                        return False  # the lease is lost: its new holder sends the probe
+                    async with self._semaphore:
+                        if self.stopping.is_set():
+                            return False
+                        self.progress.sent += 1
+                        record = await client.complete(probe.messages, probe.wire_settings,
+                                                       model=host["model"], stream=probe.stream)
+                    # Committed before anything else looks at it: a crash after this loses nothing.
+                    if await asyncio.to_thread(self.store.record_dispatch, probe.id, record, self.owner,
+                                               served_host=record.served_by if gateway else None):
+                        self.progress.answered += record.ok
+                    return record.ok
+                finally:
+                    await adjust(-1)
+
+            # Probes wait for their times longer than the lease lasts: keep it meanwhile,
+            # or another validator re-sends them. A probe that raises leaves the others to
+            # finish and be stored; then the host's handler (_probe_host_isolated) records it.
+            renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
+            try:
+                answered = await asyncio.gather(*(send(*t) for t in todo), return_exceptions=True)
+            finally:
+                lost = renewer.done()
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            if held:
+                await self._add_busy(-held)
         failed = [r for r in answered if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
@@ -196,8 +268,9 @@ class Daemon:
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
         await asyncio.to_thread(self.update_reputation, name)
-        if not self.stopping.is_set():
-            await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+        if self.stopping.is_set() or lost:
+            return False
+        return await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
 
     def _read_secrets(self) -> dict:
         path = self.config.credentials_file
@@ -277,26 +350,20 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
-        rounds, scoring = self.config.rounds, self.config.scoring
+        scoring = self.config.scoring
         scheduler = AsyncIOScheduler(
             jobstores={"default": MemoryJobStore()}, executors={"default": AsyncIOExecutor()},
             job_defaults={"coalesce": True, "max_instances": 1,
-                          "misfire_grace_time": int(max(1, rounds.interval_s))})
-        done_rounds = 0
+                          "misfire_grace_time": int(max(1, scoring.interval_s))})
         rounds_done = asyncio.Event()
 
-        async def round_job() -> None:
-            nonlocal done_rounds
-            await self._tracked(self.probe_round(None if first_round is None else first_round + done_rounds))
-            done_rounds += 1
-            if max_rounds is not None and done_rounds >= max_rounds:
-                rounds_done.set()
+        async def round_loop() -> None:
+            await self._round_loop(max_rounds, first_round)
+            rounds_done.set()
 
         async def score_job() -> None:
             await self._tracked(self.score_pending())
 
-        scheduler.add_job(round_job, IntervalTrigger(seconds=rounds.interval_s, jitter=rounds.jitter_s or None),
-                          id="round", next_run_time=_now())
         scheduler.add_job(score_job, IntervalTrigger(seconds=scoring.interval_s), id="score",
                           misfire_grace_time=int(max(1, scoring.interval_s)), next_run_time=_now())
         scheduler.add_job(self.heartbeat, IntervalTrigger(seconds=HEARTBEAT_S), id="heartbeat",
@@ -306,6 +373,7 @@ class Daemon:
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         scheduler.start()
         self.on_event(f"validator {self.owner} running; database {self.config.database_shown}")
+        looping = asyncio.ensure_future(round_loop())
         try:
             stop_wait = asyncio.ensure_future(self.stopping.wait())
             rounds_wait = asyncio.ensure_future(rounds_done.wait())
@@ -313,15 +381,38 @@ class Daemon:
             for waiter in (stop_wait, rounds_wait):
                 waiter.cancel()
             if rounds_done.is_set() and not self.stopping.is_set():
-                scheduler.remove_job("round")  # the last round is in: score what is left, then stop
-                await self.drain()
+                await self.drain()  # the last round is in: score what is left, then stop
                 await self._tracked(self.score_pending())
                 self.stopping.set()
         finally:
             scheduler.shutdown(wait=False)
             await self.drain()
+            await asyncio.gather(looping, return_exceptions=True)
             await self.heartbeat(stopped=True)
         return self.progress
+
+    async def _round_loop(self, max_rounds: int | None, first_round: int | None) -> None:
+        """Start rounds until stopped (or `max_rounds` have started), then wait for them.
+        By the clock, each round starts at its keyed start and may overlap the previous
+        one's last probes; numbered from `first_round`, rounds run back to back, each
+        timed from when it starts."""
+        interval = self.config.rounds.interval_s
+        running: list[asyncio.Future] = []
+        count = 0
+        while not self.stopping.is_set() and (max_rounds is None or count < max_rounds):
+            count += 1
+            more = max_rounds is None or count < max_rounds
+            if first_round is None:
+                round_no = self.round_number()
+                running.append(asyncio.ensure_future(self._tracked(self.probe_round(round_no))))
+                if more:
+                    await self._sleep(self.round_start(round_no + 1) - time.time())
+            else:
+                t0 = time.time()
+                await self._tracked(self.probe_round(first_round + count - 1, started=t0))
+                if more:
+                    await self._sleep(t0 + interval - time.time())
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def heartbeat(self, stopped: bool = False) -> None:
         await asyncio.to_thread(self.store.heartbeat, self.owner, socket.gethostname(), os.getpid(),

@@ -903,13 +903,14 @@ class Store:
     # -- reads for the web server
 
     def host_history(self, host: str, *, limit: int, offset: int = 0, verdict: str | None = None,
-                     failed: bool | None = None) -> tuple[int, list[dict]]:
+                     failed: bool | None = None, before: datetime | None = None) -> tuple[int, list[dict]]:
         """A page of a host's answers as `host_scores` gives them (newest first) and how
         many answers match in all. `verdict`: one of VERDICTS, or "unscored" (answered,
-        no score yet); `failed`: only failed calls (True) or only answered ones (False)."""
+        no score yet); `failed`: only failed calls (True) or only answered ones (False);
+        `before`: only answers finished before then."""
         if verdict is not None and verdict not in (*VERDICTS, "unscored"):
             raise ValueError(f"unknown verdict {verdict!r}; one of {', '.join(VERDICTS)}, unscored")
-        match = []
+        match = [] if before is None else [Dispatch.finished_at < before]
         if verdict == "unscored":
             match += [Dispatch.ok.is_(True), Score.id.is_(None)]
         elif verdict is not None:

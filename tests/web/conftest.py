@@ -41,7 +41,9 @@ REPUTATION = ReputationConfig(trust_after=3)
 GREEDY = Settings(temperature=0.0, top_k=50, top_p=0.5, max_tokens=16)
 SAMPLED = Settings(temperature=0.7, top_k=50, top_p=0.9, max_tokens=16)
 # Small caps keep the fuzzed /validator/v1/llm calls cheap (each may generate a re-run).
-SERVE = ServeConfig(llm=LlmEndpointConfig(max_pairs=3, max_chars=400, max_tokens=24))
+# Readers see every probe here (the data is seconds old); tests/test_probes.py checks the
+# delay that hides recent probes from readers.
+SERVE = ServeConfig(probe_delay_s=0, llm=LlmEndpointConfig(max_pairs=3, max_chars=400, max_tokens=24))
 
 
 class LiveServer:

@@ -88,7 +88,7 @@ class NetworkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "smollm2-135m"
     bind: str = "127.0.0.1"
-    credentials: Credentials | None = None  # None: any bearer token is accepted
+    credentials: Credentials | None = None  # None: any bearer token, or none, is accepted
     models: str | None = None  # model registry file; default the shipped models.yaml
     hosts: list[HostConfig] = Field(min_length=1)
     gateway: GatewayConfig | None = None
@@ -735,11 +735,11 @@ class SimulatedNetwork(Network):
             self.config.credentials.password = password
 
     def _bearer_ok(self, request: Request) -> bool:
+        if self.config.credentials is None:  # no accounts: any token, or none
+            return True
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             return False
-        if self.config.credentials is None:
-            return True
         expiry = self._tokens.get(auth[7:].strip())
         return expiry is not None and time.time() < expiry
 

@@ -17,7 +17,9 @@ The per-call deadline (`Timeouts.total`) is enforced here with
 asyncio.timeout, because httpx's read timeout only bounds the gap between two chunks: a
 host trickling one byte a second would otherwise hold a probe forever.
 
-API facts used here are in docs/flexstack-api.md.
+Requests look like the network's own Python client's (`Wire`, docs/probes.md): its
+headers in its order, its body fields, no `?stream` on a plain call, no Authorization
+header without a token. API facts used here are in docs/flexstack-api.md.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import random
 import reprlib
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 import httpx
 
@@ -84,8 +87,11 @@ class Timeouts:
     total: float = 180.0  # hard deadline for the whole call, retries and re-auth included
     max_bytes: int = 1 << 20  # cap on the answer's size
     retries: int = 2  # extra attempts after a transient failure
-    backoff_base: float = 0.2  # exponential backoff with full jitter: U(0, min(cap, base*2^n))
-    backoff_cap: float = 5.0
+    # Retry n waits U(b, 2b) with b = min(cap, base * 2^n), and at least a Retry-After:
+    # the network's client never retries, so the same prompt twice within seconds would
+    # mark a probe.
+    backoff_base: float = 15.0
+    backoff_cap: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("connect", "first_byte", "total", "backoff_base", "backoff_cap"):
@@ -111,6 +117,42 @@ class CallRecord:
     stream: bool = False
     configs_echo: dict | None = None  # data.configs of a non-streamed answer
     served_by: str | None = None  # the host a gateway routed us to (Attribution)
+
+
+def _requests_headers() -> tuple[tuple[str, str], ...]:
+    """The headers `requests` puts on every request, in its order (the network's Python
+    client, the `flexstack` package, posts with `requests`): the installed version's
+    own, else those of requests 2.32."""
+    try:
+        from requests.utils import default_headers
+        return tuple(default_headers().items())
+    except ImportError:
+        return (("User-Agent", "python-requests/2.32.3"), ("Accept-Encoding", "gzip, deflate"),
+                ("Accept", "*/*"), ("Connection", "keep-alive"))
+
+
+@dataclass(frozen=True)
+class Wire:
+    """What a request looks like on the wire. Default: as the network's own Python client
+    sends it: `requests`' headers, then Authorization (only with a token), Content-Length
+    and Content-Type; the body `{"messages", "configs": {"model", "temperature", "top_k",
+    "top_p", "max_new_tokens"}}` in that order; `?stream=true` on a streamed call and no
+    query on a plain one. `max_tokens_fields` may add the documented `max_tokens` name
+    for hosts that read only that one."""
+
+    headers: tuple[tuple[str, str], ...] = field(default_factory=_requests_headers)
+    max_tokens_fields: tuple[str, ...] = ("max_new_tokens",)
+
+    def __post_init__(self) -> None:
+        if not self.max_tokens_fields:
+            raise ValueError("Wire.max_tokens_fields needs at least one field name")
+        reserved = {"host", "authorization", "content-length", "content-type", "transfer-encoding"}
+        if any(k.lower() in reserved for k, _ in self.headers):
+            raise ValueError(f"Wire.headers may not set {', '.join(sorted(reserved))} (the client does)")
+
+    def configs(self, model: str, settings: Settings) -> dict[str, Any]:
+        return {"model": model, "temperature": settings.temperature, "top_k": settings.top_k,
+                "top_p": settings.top_p, **{f: settings.max_tokens for f in self.max_tokens_fields}}
 
 
 def _fail(rec: CallRecord, error: str, detail: str) -> None:
@@ -169,7 +211,7 @@ class FlexstackClient:
                  attribution: "Attribution | None" = None, timeouts: Timeouts | None = None,
                  http: httpx.AsyncClient | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 limits: httpx.Limits | None = None) -> None:
+                 limits: httpx.Limits | None = None, wire: Wire | None = None) -> None:
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -181,6 +223,7 @@ class FlexstackClient:
         self.session = session or AuthSession(token, refresh_token, username, password)
         self.attribution = attribution or Attribution()
         self.timeouts = timeouts or Timeouts()
+        self.wire = wire or Wire()
         self._owns_http = http is None
         # keepalive_expiry stays under common server idle timeouts (uvicorn: 5 s) so we
         # rarely reuse a connection the host has already closed. trust_env off: probes
@@ -223,13 +266,13 @@ class FlexstackClient:
             raise TypeError(f"settings must be a Settings, got {type(settings).__name__}")
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a non-empty string")
+        # json.dumps as `requests` encodes a `json=` body (same separators, ASCII escapes)
         content = json.dumps({"messages": messages,
-                              "configs": {"model": model, **settings.as_configs()}}).encode()
+                              "configs": self.wire.configs(model, settings)}).encode()
 
         def build() -> httpx.Request:
-            return self._request("/ai/text_completion", content=content,
-                                 params={"stream": "true" if stream else "false"},
-                                 headers={"Content-Type": "application/json"})
+            return self._request("/ai/text_completion" + ("?stream=true" if stream else ""),
+                                 content=content, content_type="application/json")
 
         # A non-streamed body also carries JSON escaping and the echoed request: allow
         # for both before calling it oversized (the answer itself is checked after).
@@ -260,8 +303,9 @@ class FlexstackClient:
                                 cap=_ERROR_BODY_CAP)
 
     async def _refresh(self) -> CallRecord:
-        data = {"refresh_token": self.refresh_token or ""}
-        return await self._call(lambda: self._request("/user/refresh_token", data=data),
+        form = urlencode({"refresh_token": self.refresh_token or ""}).encode()
+        return await self._call(lambda: self._request("/user/refresh_token", content=form,
+                                                      content_type="application/x-www-form-urlencoded"),
                                 self._parse_tokens, stream=False, authed=False,
                                 cap=_ERROR_BODY_CAP)
 
@@ -310,13 +354,20 @@ class FlexstackClient:
 
     # ----------------------------------------------------------------- one call
 
-    def _request(self, path: str, *, auth: str | None = None, **kwargs: Any) -> httpx.Request:
-        headers = kwargs.pop("headers", {})
+    def _request(self, path: str, *, auth: str | None = None, content: bytes = b"",
+                 content_type: str | None = None) -> httpx.Request:
+        """A POST laid out as `requests` lays it out: its headers, Authorization (none
+        without a token), Content-Length, Content-Type. Built directly rather than by the
+        httpx client, whose own default headers and cookies would go out too."""
+        headers = list(self.wire.headers)
         auth = auth or (f"Bearer {self.token}" if self.token else None)
         if auth:
-            headers["Authorization"] = auth
-        return self._http.build_request("POST", self.base_url + path, headers=headers,
-                                        timeout=self._httpx_timeout, **kwargs)
+            headers.append(("Authorization", auth))
+        headers.append(("Content-Length", str(len(content))))
+        if content_type:
+            headers.append(("Content-Type", content_type))
+        return httpx.Request("POST", self.base_url + path, headers=headers, content=content,
+                             extensions={"timeout": self._httpx_timeout.as_dict()})
 
     async def _call(self, build: Callable[[], httpx.Request], parse: Callable, *, stream: bool,
                     authed: bool, cap: int) -> CallRecord:
@@ -365,8 +416,8 @@ class FlexstackClient:
             if not transient or retry >= self.timeouts.retries:
                 return
             t = self.timeouts
-            delay = hint if hint is not None else random.uniform(
-                0, min(t.backoff_cap, t.backoff_base * 2 ** retry))
+            step = min(t.backoff_cap, t.backoff_base * 2 ** retry)
+            delay = max(hint or 0.0, random.uniform(step, 2 * step))
             if delay >= deadline - time.monotonic():
                 rec.detail += f"; not retried: waiting {delay:.1f}s would pass the deadline"
                 return

@@ -124,7 +124,7 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
 def _answer(spec: ModelSpec, prompts_path, engine_names: list[str], limit: int,
             log: Callable[[str], None]) -> dict[str, list[dict]]:
     prompts = load_bank(prompts_path)[: limit or None]
-    probes = greedy_and_sampled(prompts, load_mix(), SEED)
+    probes = greedy_and_sampled(prompts, load_mix("calibration"), SEED)
     records: dict[str, list[dict]] = {}
     for name in engine_names:
         hosts = honest_hosts(name)

@@ -19,7 +19,7 @@ from pydantic_settings import EnvSettingsSource
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from validator.probing.client import Timeouts
+from validator.probing.client import Timeouts, Wire
 from validator.configs import resolve, shipped
 
 DEFAULT_CONFIG = shipped("validator.yaml")
@@ -41,9 +41,13 @@ class _Strict(BaseModel):
 
 
 class RoundsConfig(_Strict):
-    interval_s: float = Field(900, gt=0)  # a round every interval; round number = time // interval
-    jitter_s: float = Field(60, ge=0)  # each round starts up to this late (APScheduler jitter)
-    spread_s: float = Field(120, ge=0)  # hosts within a round start at random offsets up to this
+    # A round every interval (the lease over a host's probes); rounds start at a phase
+    # keyed by the secret, not at multiples of the interval (docs/probes.md).
+    interval_s: float = Field(900, gt=0)
+    jitter_s: float = Field(0, ge=0)  # ignored: every probe leaves at its own random time
+    # A host's probes leave at independent random times within this much of the round
+    # (Poisson arrivals at probes_per_host / spread_s); None: the whole interval. 0: at once.
+    spread_s: float | None = Field(None, ge=0)
     probes_per_host: int = Field(4, ge=1)
     concurrency: int = Field(32, ge=1)  # probes in flight at once, over all hosts
     claim_batch: int = Field(50, ge=1)  # hosts claimed per database round trip
@@ -63,10 +67,20 @@ class ClientConfig(_Strict):
     total_s: float = Field(180, gt=0)
     max_bytes: int = Field(1 << 20, ge=1)
     retries: int = Field(2, ge=0)
+    backoff_s: float = Field(15, gt=0)  # a retry waits U(b, 2b), b = backoff_s * 2^n (at most 60 s)
+    # The request's headers, in order (None: those of the network's Python client, which
+    # posts with `requests`); and the body fields that carry max_tokens.
+    headers: dict[str, str] | None = None
+    max_tokens_fields: list[str] = Field(default_factory=lambda: ["max_new_tokens"], min_length=1)
 
     def timeouts(self) -> Timeouts:
         return Timeouts(connect=self.connect_s, first_byte=self.first_byte_s, total=self.total_s,
-                        max_bytes=self.max_bytes, retries=self.retries)
+                        max_bytes=self.max_bytes, retries=self.retries,
+                        backoff_base=self.backoff_s, backoff_cap=max(60.0, self.backoff_s))
+
+    def wire(self) -> Wire:
+        extra = {} if self.headers is None else {"headers": tuple(self.headers.items())}
+        return Wire(max_tokens_fields=tuple(self.max_tokens_fields), **extra)
 
 
 # Weights of the /validator/v1/llm components (validator.web.llm_endpoint): a pair's score
@@ -112,6 +126,9 @@ class ServeConfig(_Strict):
     # Calls that spend model time (POST /validator/v1/llm, a probe's page or API read that
     # recomputes with the scorer) per token, or per client address without one; 0: no limit.
     model_calls_per_minute: int = Field(30, ge=0)
+    # Reader tokens (and public reads) see a probe and its answer only this long after it
+    # was sent, so a host cannot read which of its requests were probes; admins see all.
+    probe_delay_s: float = Field(86_400, ge=0)
     llm: LlmEndpointConfig = LlmEndpointConfig()
 
 
@@ -143,8 +160,9 @@ class ValidatorConfig(_Strict):
     instance: str | None = None  # this validator's name in leases; default host-pid
     secret: str | None = None  # probe derivation key; prefer secret_env
     secret_env: str = "VALIDATOR_SECRET"
-    prompts: str = "configs/prompts/general.yaml"
+    prompts: str | list[str] = "configs/prompts/general.yaml"  # bank files or directories
     settings_mix: str = "default"
+    settings_file: str | None = None  # holds the mixes; default configs/settings.yaml
     models: str | None = None  # model registry file
     rounds: RoundsConfig = RoundsConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -189,6 +207,12 @@ class ValidatorConfig(_Strict):
 
     def instance_name(self) -> str:
         return self.instance or f"{socket.gethostname()}-{os.getpid()}"
+
+    def probe_mix(self):
+        """The settings mix probes are drawn from (only settings a user can send)."""
+        from validator.probing.probes import SETTINGS_FILE, load_probe_mix
+
+        return load_probe_mix(self.settings_mix, self.settings_file or SETTINGS_FILE)
 
     def probe_secret(self) -> str:
         secret = self.secret or os.environ.get(self.secret_env)

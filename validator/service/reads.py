@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import Any, Callable
-
 from collections import Counter
+from datetime import datetime
+from typing import Any, Callable
 
 from validator.reputation import STATES, ReputationConfig, combined_score, components
 from validator.scoring.batch import AnswerRecord, InputError, error
@@ -152,8 +152,9 @@ def answer(r: dict) -> dict:
 
 
 def history(store: Store, name: str, *, limit: int = PAGE, offset: int = 0, verdict: str | None = None,
-            failed: bool | None = None) -> dict:
-    total, rows = store.host_history(name, limit=limit, offset=offset, verdict=verdict, failed=failed)
+            failed: bool | None = None, before: datetime | None = None) -> dict:
+    total, rows = store.host_history(name, limit=limit, offset=offset, verdict=verdict, failed=failed,
+                                     before=before)
     return page([answer(r) for r in rows], total, limit, offset)
 
 

@@ -3,7 +3,7 @@ writes (feedback, host administration) for admin tokens only."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -40,6 +40,28 @@ def web(request: Request):
 
 def not_found(what: str) -> HTTPException:
     return HTTPException(404, f"no {what}")
+
+
+def sent_before(request: Request, who: Principal) -> datetime | None:
+    """Readers (and public reads) see only probes sent before this, `serve.probe_delay_s`
+    ago, so a host cannot read which of its recent requests were probes; admins see
+    every probe (None)."""
+    if who.role == "admin":
+        return None
+    return datetime.now(UTC) - timedelta(seconds=web(request).config.probe_delay_s)
+
+
+def probe_visible(store, probe_id: str, before: datetime | None) -> bool:
+    """Whether a probe may be shown to someone who sees probes sent before `before`
+    (one not sent yet: never)."""
+    if before is None:
+        return True
+    found = store.probe_detail(probe_id)
+    return bool(found and found["dispatch"] and found["dispatch"]["finished_at"] < before)
+
+
+def delay_note(request: Request) -> str:
+    return f"reader tokens see probes {web(request).config.probe_delay_s / 3600:g} h after they are sent"
 
 
 def unprocessable(where: str, message: str) -> HTTPException:
@@ -232,16 +254,18 @@ def get_host(request: Request, host: str = HostName, _: Principal = Depends(read
 
 @router.get("/hosts/{host}/history", response_model=Page[Answer], tags=["hosts"],
             responses={**NO_TOKEN, 404: {"description": "No such host."}})
-def host_history(request: Request, host: str = HostName, _: Principal = Depends(reader),
+def host_history(request: Request, host: str = HostName, who: Principal = Depends(reader),
                  verdict: Literal[(*VERDICTS, "unscored")] | None = Query(  # type: ignore[valid-type]
                      None, description="Only answers with this verdict ('unscored': answered, not scored yet)."),
                  failed: bool | None = Query(None, description="true: only failed calls; false: only answered."),
                  limit: int = LIMIT, offset: int = OFFSET):
-    """The host's probes, newest first: timings, error class, verdict, p-value, reasons."""
+    """The host's probes, newest first: timings, error class, verdict, p-value, reasons.
+    Reader tokens see probes `serve.probe_delay_s` after they were sent; admins at once."""
     ctx = web(request)
     if ctx.store.get_host(host) is None:
         raise not_found(f"host named {host!r}")
-    return reads.history(ctx.store, host, limit=limit, offset=offset, verdict=verdict, failed=failed)
+    return reads.history(ctx.store, host, limit=limit, offset=offset, verdict=verdict, failed=failed,
+                         before=sent_before(request, who))
 
 
 @router.get("/hosts/{host}/series", response_model=list[SeriesPoint], tags=["hosts"],
@@ -263,8 +287,11 @@ def get_probe(request: Request, probe_id: str = ProbeId, who: Principal = Depend
               rerun: bool = Query(True, description="Include the reference's re-run (generated here when "
                                                     "the daemon did not store one: seconds of model time).")):
     """A probe: prompt, settings, the host's answer, its score, per-token gaps against
-    the reference, and the reference's own re-run."""
+    the reference, and the reference's own re-run. Reader tokens see a probe
+    `serve.probe_delay_s` after it was sent (404 before); admins at once."""
     ctx = web(request)
+    if not probe_visible(ctx.store, probe_id, sent_before(request, who)):
+        raise not_found(f"probe {probe_id!r} ({delay_note(request)})")
     found = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=rerun,
                                spend=ctx.limits.spender(request, who))
     if found is None:

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from validator.store import STATES
 from validator.service import reads
 from validator.service.provenance import describe
+from validator.web.api import delay_note, probe_visible, sent_before
 from validator.web.auth import COOKIE, Principal, bearer, identify, token_hash
 from validator.web.limits import RateLimited
 from validator.service.scorer import ModelUnavailable
@@ -133,7 +134,8 @@ def host_page(request: Request, host: str, creds=Depends(bearer), offset: int = 
              "series": [{"name": k, "values": [p[k] for p in points], "color": c,
                          "width": 2.5 if k == "score" else 1.5}
                         for k, c in SERIES_COLOURS.items() if any(p[k] is not None for p in points)]}
-    answers = reads.history(ctx.store, host, limit=ANSWERS_PER_PAGE, offset=min(max(0, offset), reads.MAX_OFFSET))
+    answers = reads.history(ctx.store, host, limit=ANSWERS_PER_PAGE, offset=min(max(0, offset), reads.MAX_OFFSET),
+                            before=sent_before(request, who))
     return _page(request, "host.html", who, h=h, chart=chart, page=answers,
                  page_query=lambda at: urlencode({"offset": max(0, at)}))
 
@@ -144,6 +146,8 @@ def probe_page(request: Request, probe_id: str, creds=Depends(bearer)):
     if who is None:
         return _login(request)
     ctx = request.app.state.web
+    if not probe_visible(ctx.store, probe_id, sent_before(request, who)):
+        return _not_found(request, who, f"No probe {probe_id!r} ({delay_note(request)}).")
     try:
         p = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=True,
                                spend=ctx.limits.spender(request, who))
