@@ -73,14 +73,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from validator.network.catalogue import CATALOGUE  # noqa: E402
+from validator.network.catalogue import CHEATS as CATALOGUE_CHEATS  # noqa: E402
+
 MODEL = "smollm2-135m"
 SECRET = "detection-benchmark-secret"  # fixed: the same probes on every run
-CHEATS = ("other-model", "layers-removed", "requantised", "settings-ignored", "hotter",
-          "greedy-when-sampling", "truncated", "replayed")
+# From the catalogue of host behaviours: every cheat (named by its strategy here), and
+# the honest engines of the calibration (the stripped llama.cpp host is scored by the tests).
+CHEATS = {CATALOGUE[name]["strategy"]: CATALOGUE[name] for name in CATALOGUE_CHEATS}  # group -> host options
 HONEST = {  # engine group -> host options in the network file
-    "honest-transformers": {"strategy": "honest-transformers", "dtype": "float32"},
-    "honest-transformers-bf16": {"strategy": "honest-transformers", "dtype": "bfloat16"},
-    "honest-llama-cpp": {"strategy": "honest-llama.cpp"},
+    "honest-transformers": CATALOGUE["honest-transformers-fp32"],
+    "honest-transformers-bf16": CATALOGUE["honest-transformers-bf16"],
+    "honest-llama-cpp": CATALOGUE["honest-llama.cpp"],
 }
 SCORED = ("pass", "fail", "inconclusive")
 P_FLOOR = 1e-300  # -log10(0) would be infinite
@@ -100,7 +104,7 @@ def network_hosts(replicas: int, honest_replicas: int) -> list[dict]:
         if i <= honest_replicas:
             hosts += [{"name": f"{group}-{i}", "group": group, **options} for group, options in HONEST.items()]
         if i <= replicas:
-            hosts += [{"name": f"cheat-{s}-{i}", "group": s, "strategy": s} for s in CHEATS]
+            hosts += [{"name": f"cheat-{s}-{i}", "group": s, **options} for s, options in CHEATS.items()]
     return hosts
 
 

@@ -1,5 +1,8 @@
 """Write audit records (JSONL) answered by real honest and cheating hosts.
 
+Hosts are named from validator.network.catalogue.CATALOGUE (the simulator's strategies,
+run offline, their engine calls batched).
+
     python benchmarks/make_records.py --out examples/records.jsonl --prompts 6 \
         --hosts honest-llama.cpp,honest-transformers-bf16,cheat-other-model,cheat-layers-removed,cheat-hotter,cheat-truncated,cheat-replayed,cheat-greedy-when-sampling
     python benchmarks/make_records.py --out benchmarks/results/audit_records.jsonl --prompts 25 --first 0
@@ -24,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from validator.network.engines import HostFactory  # noqa: E402
+from validator.network.catalogue import CATALOGUE, catalogue_network  # noqa: E402
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
 from validator.models.registry import Registry  # noqa: E402
 
@@ -36,11 +39,13 @@ def make_records(prompts: int, hosts: list[str], model: str = "smollm2-135m", fi
     bank = load_bank("configs/prompts/general.yaml")[first : first + prompts]
     settings = [(w, replace(s, max_tokens=min(s.max_tokens, max_tokens or s.max_tokens))) for w, s in load_mix(mix)]
     probes = greedy_and_sampled(bank, settings, seed=2026)
-    factory = HostFactory(Registry.load(), model)
+    network = catalogue_network(model, hosts, Registry.load())
     records = []
     for host in hosts:
-        print(f"answering {len(probes)} probes as {host} ...", file=sys.stderr)
-        records += factory.records(host, probes)
+        # Greedy-when-sampling differs from an honest host only on sampled probes.
+        asked = [p for p in probes if not p[1].greedy] if host == "cheat-greedy-when-sampling" else probes
+        print(f"answering {len(asked)} probes as {host} ...", file=sys.stderr)
+        records += network.records(host, asked)
     return records
 
 
@@ -49,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--first", type=int, default=40, help="index of the first prompt in the bank")
-    ap.add_argument("--hosts", default=DEFAULT_HOSTS)
+    ap.add_argument("--hosts", default=DEFAULT_HOSTS, help="comma separated: " + ", ".join(CATALOGUE))
     ap.add_argument("--mix", default="calibration", help="settings mix (configs/settings.yaml)")
     ap.add_argument("--max-tokens", type=int, help="cap every setting's max_tokens")
     args = ap.parse_args()

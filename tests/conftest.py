@@ -1,7 +1,8 @@
 """Shared fixtures. Every answer the tests score comes from a real model: SmolLM2-135M
 (transformers in float32 and bfloat16, llama.cpp on its GGUF) and Gemma-3 270M (llama.cpp)
-as the "other model" (validator.network.engines.HostFactory), recorded in tests/data and
-regenerated whenever what decides them changes (tests/answers.py)."""
+as the "other model", answered by the hosts of validator.network.catalogue (the
+simulator's strategies, run offline), recorded in tests/data and regenerated whenever
+what decides them changes (tests/answers.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from validator.network.engines import HostFactory  # noqa: E402
+from validator.network.catalogue import CHEATS, HONEST, OfflineNetwork, catalogue_network  # noqa: E402
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix  # noqa: E402
 from validator.scoring.reference import ReferenceModel  # noqa: E402
 from validator.models.registry import Registry  # noqa: E402
@@ -27,7 +28,7 @@ HONEST_PROMPTS = 38  # x (greedy + sampled) x 4 honest hosts = 304 honest answer
 CHEAT_ANSWERS = 20  # every cheat must be caught within this many answers
 # Cheats that need a model to answer get fewer: each was caught within 2 (see
 # benchmarks/README.md), and generating answers is most of the test run's time. Truncated
-# and replayed answers come free from the honest ones and keep all 20.
+# and replayed answers cost (almost) no generation and keep all 20.
 GENERATED_CHEAT_ANSWERS = 12
 
 
@@ -59,25 +60,34 @@ def probes():
 
 
 @pytest.fixture(scope="session")
-def hosts(registry) -> HostFactory:
-    return HostFactory(registry, MODEL)
+def hosts(registry) -> OfflineNetwork:
+    return catalogue_network(MODEL, registry=registry)
+
+
+def cheat_probes(name: str, probes: list) -> list:
+    """The probes a cheat answers for the tests: its first GENERATED_CHEAT_ANSWERS;
+    greedy-when-sampling only sampled ones (the probes alternate greedy and sampled);
+    truncated all of them, so that its llama.cpp batch is the honest host's (generated
+    once) before CHEAT_ANSWERS are kept."""
+    if name == "cheat-greedy-when-sampling":
+        return [p for p in probes[: 2 * GENERATED_CHEAT_ANSWERS] if not p[1].greedy]
+    if name == "cheat-truncated":
+        return probes
+    return probes[: CHEAT_ANSWERS if name == "cheat-replayed" else GENERATED_CHEAT_ANSWERS]
 
 
 @pytest.fixture(scope="session")
 def recorded_answers(hosts, probes) -> dict[str, dict[str, list[dict]]]:
     """Real engines' answers, generated once and kept in tests/data (tests/answers.py)."""
-    # Probes alternate greedy and sampled; greedy-when-sampling answers only sampled ones.
-    subset = {"cheat-greedy-when-sampling": probes[: 2 * GENERATED_CHEAT_ANSWERS],
-              "cheat-truncated": probes, "cheat-replayed": probes}
-    count = {"cheat-truncated": CHEAT_ANSWERS, "cheat-replayed": CHEAT_ANSWERS}
-
     def generate():
-        return {"honest": {name: hosts.records(name, probes) for name in HostFactory.HONEST},
-                "cheat": {name: hosts.records(name, subset.get(name, probes[:GENERATED_CHEAT_ANSWERS]))
-                          [:count.get(name, GENERATED_CHEAT_ANSWERS)] for name in HostFactory.CHEATS}}
+        return {"honest": {name: hosts.records(name, probes) for name in HONEST},
+                "cheat": {name: hosts.records(name, cheat_probes(name, probes))[:CHEAT_ANSWERS]
+                          for name in CHEATS}}
 
-    plan = {"honest": HostFactory.HONEST, "cheats": HostFactory.CHEATS,
-            "cheat_answers": CHEAT_ANSWERS, "generated_cheat_answers": GENERATED_CHEAT_ANSWERS}
+    plan = {"honest": HONEST, "cheats": CHEATS, "cheat_answers": CHEAT_ANSWERS,
+            "generated_cheat_answers": GENERATED_CHEAT_ANSWERS,
+            "cheat_probes": {name: [getattr(p, "id", None) for p, _ in cheat_probes(name, probes)]
+                             for name in CHEATS}}
     return load_or_generate(hosts, probes, plan, generate)
 
 

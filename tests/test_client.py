@@ -14,9 +14,14 @@ import json
 import re
 import socket
 import time
+import tracemalloc
+import zlib
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from validator.probing.client import CallRecord, Err, FlexstackClient, Timeouts, Wire
 from validator.models.sampling import Settings
@@ -54,6 +59,8 @@ class FakeHost:
         self.served_by: str | None = None
         self.delay = 0.0
         self.split_bytes = 0  # > 0: stream in chunks of this many bytes, not lines
+        self.raw = b""  # fault "raw": these bytes are the whole response, then the close
+        self.login_body: bytes | None = None  # set: a 200 with this body answers a login
         self.expires_in = 3600
         self.tokens = {"good"}
         self.refresh_tokens: set[str] = set()
@@ -127,6 +134,8 @@ class FakeHost:
         """Answer one request; False closes the connection."""
         path, headers = req["path"], req["headers"]
         bearer = headers.get("authorization", "").removeprefix("Bearer ")
+        if path == "/v1/user/login" and self.login_body is not None:
+            return await self._send(writer, 200, self.login_body)
         if path == "/v1/user/login":
             basic = base64.b64encode(f"{self.USER}:{self.PASSWORD}".encode()).decode()
             if headers.get("authorization") == f"Basic {basic}":
@@ -154,6 +163,10 @@ class FakeHost:
             return False
         if fault == "slow_first_byte":
             await asyncio.sleep(1.0)
+        if fault == "raw":
+            writer.write(self.raw)
+            await writer.drain()
+            return False
         if fault == "trickle":  # headers at once, then one byte every 0.2 s, forever
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             while True:
@@ -551,3 +564,307 @@ def test_concurrency_smoke_and_clean_shutdown():
              if not (r.ok and r.text == host.answer and r.attempts == 1)]
     assert len(recs) == 200 and not wrong, wrong[:5]
     assert host.connections < 200  # connections were reused
+
+
+# ------------------------------------------------------------------ hostile responses
+# A host's response is untrusted: whatever it sends ends as a record with an error class,
+# never as an exception out of `complete`.
+
+
+def raw_response(body: bytes, *, status: str = "200 OK", ctype: str = "application/json",
+                 headers: tuple[str, ...] = ()) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+NESTED = b"[" * 5000
+DEEP_IN_ENVELOPE = (b'{"status": "success", "errors": [], "data": {"is_success": true, "data": '
+                    b'{"status": "COMPLETED", "response": "hi", "extra": ' + b"[" * 5000
+                    + b"]" * 5000 + b"}}}")
+
+
+@pytest.mark.parametrize("body", [NESTED, DEEP_IN_ENVELOPE], ids=["bare", "in-envelope"])
+def test_deeply_nested_json_is_malformed_not_raised(body):
+    rec, _ = call("raw", raw=raw_response(body))
+    failed(rec, Err.MALFORMED_JSON)
+    assert rec.status == 200 and "nested" in rec.detail
+
+
+def test_deeply_nested_json_on_a_stream_is_its_text():
+    """A stream is plain text; JSON there counts only as an error envelope, and 5,000
+    brackets are none: the answer is the bytes as sent (the scorer judges them)."""
+    rec, _ = call("raw", stream=True, raw=raw_response(NESTED))
+    assert rec.ok and rec.text == NESTED.decode()
+
+
+def test_number_of_many_digits_is_malformed_json():
+    body = b'{"status": "success", "data": {"data": {"response": ' + b"7" * 100_000 + b"}}}"
+    rec, _ = call("raw", raw=raw_response(body))
+    failed(rec, Err.MALFORMED_JSON)
+
+
+@pytest.mark.parametrize("body", [
+    NESTED,  # error bodies are parsed for their message too
+    b'{"detail": [{"loc": 5, "msg": "bad"}, 7, {"loc": null}]}',
+    b'{"detail": ' + b"[" * 900 + b"]" * 900 + b"}",
+    b'{"errors": {"a": [1, 2]}, "error_description": ["x"]}',
+])
+def test_hostile_error_bodies_keep_their_class(body):
+    for status, error in (("422 Unprocessable Entity", Err.HTTP_4XX), ("503 Busy", Err.SERVER_ERROR)):
+        rec, _ = call("raw", raw=raw_response(body, status=status))
+        failed(rec, error)
+        assert len(rec.detail) < 2000
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"an answer"', b"42", b"null", b"true",
+                                  b'{"data": []}', b'{"data": {"data": {"response": 7}}}',
+                                  b'{"status": ["success"], "data": {}}',
+                                  b'{"data": {"data": {"response": "x", "status": {"a": 1}}}}'])
+def test_valid_json_of_the_wrong_type_is_a_bad_envelope(body):
+    rec, _ = call("raw", raw=raw_response(body))
+    failed(rec, Err.BAD_ENVELOPE)
+
+
+def test_redirects_are_recorded_and_never_followed():
+    """A probe goes to the host's URL and nowhere else: following a redirect would let a
+    host send the probe (and its token) anywhere, the validator's own services included."""
+    async def main():
+        async with FakeHost() as elsewhere, FakeHost() as host:
+            records = []
+            follow = httpx.AsyncClient(follow_redirects=True, trust_env=False)
+            for status, location in (("302 Found", elsewhere.url + "/ai/text_completion"),
+                                     ("307 Temporary Redirect", host.url + "/ai/text_completion"),
+                                     ("308 Permanent Redirect", "http://169.254.169.254/latest"),
+                                     ("301 Moved", "")):
+                host.fault = "raw"
+                host.raw = raw_response(b"", status=status, headers=(f"Location: {location}",))
+                for http in (None, follow):  # also a shared client that would follow
+                    async with FlexstackClient(host.url, token="good", timeouts=FAST, http=http) as c:
+                        records.append((location, await c.complete(MSGS, SETTINGS)))
+            await follow.aclose()
+            return records, elsewhere.requests, host.hits["raw"]
+    records, elsewhere_requests, hits = asyncio.run(main())
+    for location, rec in records:
+        failed(rec, Err.REDIRECT)
+        assert 300 <= rec.status < 400 and rec.attempts == 1
+        assert location[:200] in rec.detail
+    assert elsewhere_requests == [] and hits == len(records)
+
+
+def gzip_bytes(data: bytes, repeat: int = 1) -> bytes:
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join(z.compress(data) for _ in range(repeat)) + z.flush()
+
+
+def test_gzip_bomb_stops_at_the_cap_without_inflating_whole():
+    """64 MiB of zeros in 64 KiB of gzip: reading stops at the cap, and no network read
+    is inflated whole (a 64 KiB read would become 64 MiB at once)."""
+    bomb = gzip_bytes(b"\0" * (1 << 20), 64)
+    assert len(bomb) < 100_000
+    raw = raw_response(bomb, headers=("Content-Encoding: gzip",))
+    tracemalloc.start()
+    try:
+        rec, _ = call("raw", raw=raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    failed(rec, Err.OVERSIZED)
+    assert FAST.max_bytes < rec.bytes < 4 * FAST.max_bytes
+    assert peak < 24 << 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "deflate-raw"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_compressed_answers_are_decoded(encoding, stream):
+    answer = "Hello there.\n" * 50
+    body = (answer.encode() if stream else
+            json.dumps(completion(answer, SETTINGS.as_configs())).encode())
+    if encoding == "deflate":
+        packed = zlib.compress(body)
+    elif encoding == "deflate-raw":  # some servers send deflate without the zlib header
+        z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        packed, encoding = z.compress(body) + z.flush(), "deflate"
+    else:
+        packed = gzip_bytes(body)
+    ctype = "text/plain" if stream else "application/json"
+    rec, _ = call("raw", stream=stream,
+                  raw=raw_response(packed, ctype=ctype, headers=(f"Content-Encoding: {encoding}",)))
+    assert rec.ok and rec.text == answer, rec
+    assert rec.bytes == len(body)
+
+
+def test_broken_compression_is_a_protocol_error():
+    rec, _ = call("raw", raw=raw_response(b"not gzip at all", headers=("Content-Encoding: gzip",)))
+    failed(rec, Err.PROTOCOL_ERROR)
+    assert rec.status == 200
+
+
+@pytest.mark.parametrize("header", [
+    b"X-Served-By: " + b"h" * 200_000,  # past the HTTP parser's limit on a response head
+    b"X-Served-By: a\x00b",  # NUL
+    b"Bad Header Name: x",
+    b"no colon at all",
+])
+def test_headers_the_parser_refuses_are_a_protocol_error(header):
+    raw = b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\n{}"
+    rec, _ = call("raw", raw=raw)
+    failed(rec, Err.PROTOCOL_ERROR)
+    assert rec.status is None and rec.attempts == 1
+
+
+@pytest.mark.parametrize("value,expected", [
+    (b"h" * 300, "h" * 300),  # longer than the store's column: the store bounds it
+    (b"gpu-\xff\xfe\x80-host", "gpu-\xff\xfe\x80-host"),  # not UTF-8: read as Latin-1
+    ("gpu-ü".encode(), "gpu-ü"),
+    (b"a\x01\x1bb", "a\x01\x1bb"),  # control bytes the parser lets through
+])
+def test_any_served_by_value_is_kept(value, expected):
+    body = json.dumps(completion("ok", {})).encode()
+    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Served-By: " + value
+           + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    rec, _ = call("raw", raw=raw)
+    assert rec.ok and rec.served_by == expected
+
+
+def test_a_huge_content_length_then_a_close_is_a_cut_body():
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{\"da"
+    rec, _ = call("raw", raw=raw)
+    failed(rec, Err.STREAM_CUT)
+    assert rec.status == 200
+
+
+def test_login_answer_without_a_token_is_a_bad_envelope():
+    async def go(host, client):
+        host.login_body = json.dumps(envelope({"no": "token"})).encode()
+        return await client.login(), await client.complete(MSGS, SETTINGS)
+    login, rec = run(go, token=None, username="alice", password="s3cret")
+    failed(login, Err.BAD_ENVELOPE)
+    assert rec.error == Err.BAD_ENVELOPE and "auth" in rec.detail
+
+
+class _BrokenParser(FlexstackClient):
+    """Stands for a bug in our own code: the answer's parser raises."""
+
+    def _parse_completion(self, rec, body, response):
+        raise ZeroDivisionError("a bug of ours")
+
+
+def test_a_bug_in_our_own_code_is_recorded_as_client_bug():
+    async def main():
+        async with FakeHost() as host:
+            async with _BrokenParser(host.url, token="good", timeouts=FAST) as client:
+                return await client.complete(MSGS, SETTINGS)
+    rec = asyncio.run(main())
+    failed(rec, Err.CLIENT_BUG)
+    assert "ZeroDivisionError" in rec.detail and rec.status == 200
+
+
+# ------------------------------------------------------------------ property: never raises
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@st.composite
+def _bodies(draw) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "json", "envelope", "nested"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=2000))
+    if kind == "nested":
+        depth = draw(st.sampled_from([2, 999, 1000, 3000, 6000]) | st.integers(1, 6000))
+        return b"[" * depth + (b"]" * depth if draw(st.booleans()) else b"")
+    if kind == "json":
+        return json.dumps(draw(_json)).encode()
+    slot = draw(_json)  # the expected envelope with anything at one of its places
+    task = {"status": "COMPLETED", "response": "an answer"}
+    data = {"is_success": True, "configs": {}, "data": task}
+    obj = {"status": "success", "errors": [], "data": data}
+    where = draw(st.sampled_from(["status", "errors", "data", "is_success", "configs", "task",
+                                  "response", "task_status", "detail"]))
+    if where in ("status", "errors", "data", "detail"):
+        obj[where] = slot
+    elif where in ("is_success", "configs"):
+        data[where] = slot
+    elif where == "task":
+        data["data"] = slot
+    else:
+        task["status" if where == "task_status" else "response"] = slot
+    return json.dumps(obj).encode()
+
+
+_header_bytes = st.binary(max_size=300).filter(lambda b: b"\r" not in b and b"\n" not in b)
+_CTYPES = [b"application/json", b"text/plain; charset=utf-8", b"text/html"]
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KNOWN_ERRORS = {v for k, v in vars(Err).items() if k.isupper()}
+
+
+def _frame(status: bytes, headers: list[bytes], body: bytes, framing: str, draw) -> bytes:
+    if framing == "length":
+        headers = headers + [b"Content-Length: %d" % len(body)]
+    elif framing == "wrong-length":
+        headers = headers + [b"Content-Length: %d" % draw(st.integers(0, 10**12))]
+    return b"\r\n".join([status, *headers]) + b"\r\n\r\n" + body
+
+
+@st.composite
+def _answers(draw) -> bytes:
+    """A well-formed 200 whose body is anything."""
+    ctype = draw(st.sampled_from(_CTYPES))
+    return _frame(b"HTTP/1.1 200 OK", [b"Content-Type: " + ctype], draw(_bodies()), "length", draw)
+
+
+@st.composite
+def _any_status_and_body(draw) -> bytes:
+    status = draw(st.sampled_from([201, 204, 301, 302, 307, 400, 401, 404, 422, 429, 500, 503])
+                  | st.integers(100, 999))
+    ctype = draw(st.sampled_from(_CTYPES))
+    extra = draw(st.lists(st.sampled_from([b"Retry-After: 0", b"Retry-After: nan", b"Retry-After: -1",
+                                           b"Retry-After: 1e999", b"Location: /elsewhere"]), max_size=2))
+    framing = draw(st.sampled_from(["length", "wrong-length", "none"]))
+    return _frame(b"HTTP/1.1 %d X" % status, [b"Content-Type: " + ctype, *extra],
+                  draw(_bodies()), framing, draw)
+
+
+@st.composite
+def _any_head(draw) -> bytes:
+    """Any status line and header lines (any bytes but CR and LF), then a good answer."""
+    status = (b"HTTP/1.1 200 OK" if draw(st.booleans()) else draw(_header_bytes))
+    headers = [k + b": " + v for k, v in draw(st.lists(st.tuples(_header_bytes, _header_bytes), max_size=4))]
+    headers += [k + b": " + v for k, v in draw(st.lists(st.tuples(
+        st.sampled_from([b"Content-Type", b"Content-Encoding", b"Retry-After", b"X-Served-By",
+                         b"Location", b"Transfer-Encoding", b"Content-Length"]),
+        _header_bytes | st.sampled_from([b"gzip", b"deflate", b"chunked", b"-1", b"application/json"])),
+        max_size=3))]
+    body = json.dumps(completion("an answer", {})).encode()
+    return _frame(status, headers, body, draw(st.sampled_from(["length", "none"])), draw)
+
+
+def _never_raises(raw: bytes, stream: bool) -> CallRecord:
+    timeouts = Timeouts(connect=1.0, first_byte=1.0, total=2.0, retries=0)
+    rec, _ = call("raw", stream=stream, timeouts=timeouts, raw=raw)
+    assert rec.ok == (rec.error is None)
+    assert rec.error is None or rec.error in KNOWN_ERRORS
+    assert rec.error != Err.CLIENT_BUG, rec.detail  # every response has a class of its own
+    assert rec.ok == isinstance(rec.text, str)
+    assert len(rec.detail) <= 2000
+    return rec
+
+
+@PROPERTY
+@given(raw=_answers(), stream=st.booleans())
+def test_property_any_answer_body_ends_as_a_record(raw, stream):
+    _never_raises(raw, stream)
+
+
+@PROPERTY
+@given(raw=_any_status_and_body(), stream=st.booleans())
+def test_property_any_status_and_error_body_ends_as_a_record(raw, stream):
+    rec = _never_raises(raw, stream)
+    assert not rec.ok or rec.status // 100 == 2
+
+
+@PROPERTY
+@given(raw=_any_head(), stream=st.booleans())
+def test_property_any_status_line_and_headers_end_as_a_record(raw, stream):
+    _never_raises(raw, stream)

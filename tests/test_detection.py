@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from validator.network.catalogue import CHEATS
 from validator.service.audit import run_audit
 from validator.service.scorer import Scorer
 from validator.reputation import HostRule, host_verdict
@@ -56,9 +57,7 @@ def test_honest_hosts_cover_greedy_sampled_and_stripped(honest_records):
         assert a["response"] == b["response"].strip()
 
 
-@pytest.mark.parametrize("cheat", [
-    "cheat-other-model", "cheat-layers-removed", "cheat-hotter", "cheat-greedy-when-sampling",
-    "cheat-truncated", "cheat-replayed"])
+@pytest.mark.parametrize("cheat", CHEATS)
 def test_cheat_flagged_within_20_answers(cheat, cheat_records, registry, ref):
     records = cheat_records[cheat]
     assert 12 <= len(records) <= CHEAT_ANSWERS

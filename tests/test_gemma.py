@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from validator.network.catalogue import CATALOGUE, OfflineNetwork
 from validator.service.audit import run_audit
 from validator.service.scorer import Scorer
-from validator.network.engines import LlamaCppEngine, answer_records
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
 from validator.scoring.reference import ReferenceModel
 
@@ -34,10 +34,9 @@ def test_gemma_prompt_and_token_bytes(gemma):
 
 
 def test_gemma_honest_llama_cpp_answers_pass(gemma, registry):
-    spec = registry.get("gemma-3-270m")
     probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[:8], load_mix("calibration"), seed=3)
-    engine = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
-    records = answer_records(engine, probes, "gemma-llama.cpp", "gemma-3-270m")
+    hosts = OfflineNetwork.of({"gemma-llama.cpp": CATALOGUE["honest-llama.cpp"]}, "gemma-3-270m", registry)
+    records = hosts.records("gemma-llama.cpp", probes)
     lines, hosts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={"gemma-3-270m": gemma}))
     assert [line["verdict"] for line in lines if line["verdict"] == "fail"] == []
     assert hosts["gemma-llama.cpp"]["verdict"] != "dishonest"

@@ -285,10 +285,10 @@ def test_no_sockets_or_tasks_leak(tmp_path):
 # ------------------------------------------------------------------ hosts with models
 
 # Audited through the daemon in tests/test_demo.py: the honest transformers and llama.cpp
-# hosts, the other-model and replayed cheats. tests/test_detection.py scores the same
-# engines' bfloat16, layers-removed, hotter, greedy-when-sampling and truncated answers,
-# and benchmarks/detection.py runs every strategy through the daemon. The cheats found
-# nowhere else in the default test run are audited here, beside an honest control.
+# hosts, the other-model and replayed cheats. tests/test_detection.py scores every host of
+# the catalogue (validator.network.catalogue: these strategies, run offline), and
+# benchmarks/detection.py runs every strategy through the daemon. Two cheats are audited
+# here over HTTP as well, beside an honest control.
 MODEL_HOSTS = {  # name -> strategy, options
     "cheat-requantised": ("requantised", {}),
     "cheat-settings-ignored": ("settings-ignored", {}),

@@ -45,7 +45,7 @@ import httpx
 from sqlalchemy.exc import IntegrityError
 
 from validator.models.registry import Registry
-from validator.probing.client import Attribution, AuthSession, FlexstackClient
+from validator.probing.client import Attribution, AuthSession, CallRecord, Err, FlexstackClient
 from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
 from validator.reputation import ReputationConfig, Transition
 from validator.service.config import ValidatorConfig
@@ -162,13 +162,37 @@ class Daemon:
                 if not new:
                     break
                 await self._add_busy(len(new) * cfg.probes_per_host)
-                tasks.update((h, asyncio.ensure_future(self._probe_host(round_no, h, http, started)))
+                tasks.update((h, asyncio.ensure_future(self._probe_host_isolated(round_no, h, http, started)))
                              for h in new)
             await asyncio.gather(*tasks.values())
         self.progress.rounds += 1
         took = time.monotonic() - t0
         self.on_event(f"round {round_no}: {len(tasks)} hosts probed in {took:.0f} s")
         return len(tasks)
+
+    async def _probe_host_isolated(self, round_no: int, name: str, http: httpx.AsyncClient,
+                                   started: float) -> bool:
+        """Probe one host; whatever that raises stays with the host (logged, its unanswered
+        probes recorded as client_bug, its round closed) and the round goes on for the rest."""
+        try:
+            return await self._probe_host(round_no, name, http, started)
+        except Exception as exc:  # noqa: BLE001 - one host must never abandon the round
+            log.exception("round %s: probing host %s failed", round_no, name)
+            self.on_event(f"round {round_no}: {name}: {type(exc).__name__} while probing "
+                          f"(logged); its unanswered probes are recorded as client_bug")
+            return await asyncio.to_thread(self._record_host_failure, round_no, name, exc)
+
+    def _record_host_failure(self, round_no: int, name: str, exc: Exception) -> bool:
+        if self.stopping.is_set():  # probes left unsent by the stop are not failures: a restart sends them
+            return False
+        try:
+            for probe in self.store.pending_probes(round_no, name):
+                self.store.record_dispatch(probe["id"], _failed_call(exc, "probing the host"), self.owner)
+            self.update_reputation(name)
+            return self.store.finish_host_round(name, round_no, self.owner)
+        except Exception:  # noqa: BLE001 - e.g. the database is down: the lease runs out, retried then
+            log.exception("round %s: host %s: its failure could not be recorded", round_no, name)
+            return False
 
     async def _probe_host(self, round_no: int, name: str, http: httpx.AsyncClient,
                           started: float) -> bool:
@@ -224,10 +248,11 @@ class Daemon:
                     await adjust(-1)
 
             # Probes wait for their times longer than the lease lasts: keep it meanwhile,
-            # or another validator re-sends them.
+            # or another validator re-sends them. A probe that raises leaves the others to
+            # finish and be stored; then the host's handler (_probe_host_isolated) records it.
             renewer = asyncio.ensure_future(self._renew_lease(name, round_no))
             try:
-                answered = await asyncio.gather(*(send(*t) for t in todo))
+                answered = await asyncio.gather(*(send(*t) for t in todo), return_exceptions=True)
             finally:
                 lost = renewer.done()
                 renewer.cancel()
@@ -236,6 +261,9 @@ class Daemon:
         finally:
             if held:
                 await self._add_busy(-held)
+        failed = [r for r in answered if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
         if any(answered):
             await asyncio.to_thread(self.store.touch, name)
         # Availability and latency change with every round, scored or not.
@@ -406,6 +434,12 @@ class Daemon:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
+
+
+def _failed_call(exc: BaseException, doing: str) -> CallRecord:
+    """The record of a call that ended in an exception of ours (validator.probing.client.Err)."""
+    return CallRecord(ok=False, error=Err.CLIENT_BUG,
+                      detail=f"{type(exc).__name__} while {doing}: {str(exc)[:500]}")
 
 
 def _now():

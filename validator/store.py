@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,6 +374,30 @@ _CALL_FIELDS = {"ok": None, "text": None, "status": None, "error": None, "detail
                 "ttfb_s": None, "total_s": 0.0, "bytes": 0, "attempts": 0, "served_by": None}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def bounded(table, values: dict) -> dict:
+    """`values` made storable in `table`, for what a host controls (a header of any
+    length, an error message of any characters must not fail the insert): lone
+    surrogates, which UTF-8 cannot encode, become U+FFFD in every string; a string for a
+    String(N) column also loses NUL (PostgreSQL refuses it; Text columns keep theirs,
+    see SafeText) and is cut to N characters, its end saying so (`...[300 chars]`)."""
+    out = dict(values)
+    for name, value in values.items():
+        column = table.c.get(name)
+        if not isinstance(value, str) or column is None:
+            continue
+        length = getattr(column.type, "length", None)
+        value = (_UNSTORABLE if length else _SURROGATE).sub("\ufffd", value)
+        if length and len(value) > length:
+            marker = f"...[{len(value)} chars]"
+            value = value[:length - len(marker)] + marker
+        out[name] = value
+    return out
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -628,6 +653,7 @@ class Store:
             raise ValueError("a dispatch record needs a boolean `ok`")
         values.update(probe_id=probe_id, detail=values["detail"] or "", validator=validator,
                       finished_at=finished_at or _now(), awaiting_score=values["ok"])
+        values = bounded(Dispatch.__table__, values)  # served_by, detail: what the host sent
         with self.session() as s:
             values["host_id"] = s.scalar(select(Probe.host_id).where(Probe.id == probe_id))
             if values["host_id"] is None:

@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 FAMILIES = {"validator_probes_sent": "counter", "validator_probes_failed": "counter",
             "validator_scoring_latency_seconds": "histogram", "validator_queue_depth": "gauge",
-            "validator_hosts": "gauge", "validator_host_score": "gauge", "validator_last_round": "gauge"}
+            "validator_hosts": "gauge", "validator_host_score": "gauge", "validator_last_round": "gauge",
+            "validator_host_state": "gauge", "validator_heartbeat_timestamp_seconds": "gauge"}
 
 
 def scrape(served, token) -> dict:
@@ -39,6 +40,11 @@ def test_metrics_match_the_database(served):
     scores = samples(fams["validator_host_score"], "validator_host_score")
     assert scores[(("host", "honest-a"),)] > scores[(("host", "flaky-c"),)] > 0 == scores[(("host", "cheat-b"),)]
     assert samples(fams["validator_last_round"], "validator_last_round") == {(): 1.0}
+    states = samples(fams["validator_host_state"], "validator_host_state")
+    assert states == {(("host", "honest-a"), ("state", "trusted")): 1.0, (("host", "cheat-b"), ("state", "flagged")): 1.0,
+                      (("host", "flaky-c"), ("state", "new")): 1.0, (("host", "down-d"), ("state", "new")): 1.0,
+                      (("host", "retired-e"), ("state", "disabled")): 1.0}
+    assert samples(fams["validator_heartbeat_timestamp_seconds"], "validator_heartbeat_timestamp_seconds") == {}
 
     # 10 answers were scored now, 40 minutes to 2 hours after they arrived
     latency = fams["validator_scoring_latency_seconds"]

@@ -1,13 +1,11 @@
 """Engines that answer chat requests the way hosts do: honest ones on other stacks and
-precisions, and the cheats hosts use. Calibration, the tests and the simulated network
-use them; every answer comes from a real model.
+precisions, and the damaged models cheats run. The host behaviours built on them are
+the strategies of validator.network.simulator; every answer comes from a real model.
 
 - TransformersEngine: transformers' own `generate()` in any dtype, optionally with
   some decoder layers removed (a cheaper, worse model claiming to be the real one).
 - LlamaCppEngine: llama.cpp (llama-cpp-python) on a GGUF file: an independent engine,
   quantised matmuls, its own sampler order.
-- SettingsOverride: any engine, with the request's sampling settings replaced (a
-  hotter temperature, greedy decoding when sampling was asked, ...).
 """
 
 from __future__ import annotations
@@ -15,12 +13,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import random
 import threading
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from validator.models.registry import ModelSpec
 from validator.models.sampling import Settings
@@ -156,42 +153,6 @@ class LlamaCppEngine:
         return out
 
 
-class SettingsOverride:
-    """An engine that answers with other sampling settings than the request's."""
-
-    def __init__(self, engine: Engine, transform: Callable[[Settings], Settings], name: str):
-        self.engine, self.transform, self.name = engine, transform, name
-
-    def generate(self, requests: Sequence[Request]) -> list[str]:
-        return self.engine.generate([replace(r, settings=self.transform(r.settings)) for r in requests])
-
-
-def hotter(settings: Settings) -> Settings:
-    """A temperature well above the requested one (greedy requests get sampling at 1.0)."""
-    return replace(settings, temperature=max(1.0, settings.temperature + 0.8))
-
-
-def greedy(settings: Settings) -> Settings:
-    return replace(settings, temperature=0.0)
-
-
-def truncate(text: str, rng: random.Random, low: float = 0.3, high: float = 0.7) -> str:
-    """Cut an answer short at a word boundary between `low` and `high` of its length."""
-    cut = int(len(text) * rng.uniform(low, high))
-    space = text.rfind(" ", 0, cut)
-    return text[: space if space > 0 else cut]
-
-
-def answer_records(engine: Engine, probes: Sequence[tuple[object, Settings]], host: str,
-                   model: str) -> list[dict]:
-    """Ask an engine every (prompt, settings) probe; audit records of its answers."""
-    requests = [Request(p.messages, s, s.seed or 0) for p, s in probes]
-    answers = engine.generate(requests)
-    return [{"id": f"{host}/{p.id}/{i}", "host": host, "model": model, "messages": p.messages,
-             "configs": s.as_configs(), "response": a}
-            for i, ((p, s), a) in enumerate(zip(probes, answers))]
-
-
 def requantise(model, bits: int = 4, group: int = 32) -> None:
     """Round every decoder weight matrix to `bits`-bit symmetric integers in groups of
     `group` (round-to-nearest, what a lazy re-quantisation does), in place."""
@@ -208,9 +169,31 @@ def requantise(model, bits: int = 4, group: int = 32) -> None:
                     w.copy_((torch.round(g / scale).clamp(-levels, levels) * scale).reshape(w.shape))
 
 
-ENGINES = ("fp32", "bf16", "llama.cpp", "other", "minus-layers", "requantised")
+ENGINES = ("fp32", "bf16", "fp16", "llama.cpp", "other", "minus-layers", "requantised")
 _shared: dict[tuple, Engine] = {}
 _shared_lock = threading.Lock()
+
+
+def load_engine(registry, model: str, name: str, other_model: str = "gemma-3-270m") -> Engine:
+    """A new engine `name` (see ENGINES) for `model`; "other" is `other_model` on llama.cpp."""
+    spec = registry.get(model)
+    if name in ("fp32", "bf16", "fp16"):
+        return TransformersEngine(spec, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name])
+    if name == "llama.cpp":
+        return LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
+    if name == "other":
+        other = registry.get(other_model)
+        return LlamaCppEngine(other.gguf_path(), chat_template=other.chat_template, name=other.name)
+    if name == "minus-layers":  # four layers from the middle
+        from transformers import AutoConfig
+
+        layers = AutoConfig.from_pretrained(spec.load_source()).num_hidden_layers
+        return TransformersEngine(spec, "float32", drop_layers=range(layers // 2, layers // 2 + 4))
+    if name == "requantised":
+        engine = TransformersEngine(spec, "float32", name="transformers-requantised-q4")
+        requantise(engine.model, bits=4)
+        return engine
+    raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
 
 
 def shared_engine(registry, model: str, name: str, other_model: str = "gemma-3-270m") -> Engine:
@@ -220,85 +203,6 @@ def shared_engine(registry, model: str, name: str, other_model: str = "gemma-3-2
     with _shared_lock:
         if key in _shared:
             return _shared[key]
-    spec = registry.get(model)
-    if name == "fp32":
-        e: Engine = TransformersEngine(spec, "float32")
-    elif name == "bf16":
-        e = TransformersEngine(spec, "bfloat16")
-    elif name == "llama.cpp":
-        e = LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
-    elif name == "other":
-        other = registry.get(other_model)
-        e = LlamaCppEngine(other.gguf_path(), chat_template=other.chat_template, name=other.name)
-    elif name == "minus-layers":
-        layers = shared_engine(registry, model, "fp32").model.config.num_hidden_layers
-        e = TransformersEngine(spec, "float32", drop_layers=range(layers // 2, layers // 2 + 4))
-    elif name == "requantised":
-        e = TransformersEngine(spec, "float32", name="transformers-requantised-q4")
-        requantise(e.model, bits=4)
-    else:
-        raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    engine = load_engine(registry, model, name, other_model)
     with _shared_lock:
-        return _shared.setdefault(key, e)
-
-
-# -- hosts, honest and not: what calibration, the tests, the examples and benchmarks run --
-class HostFactory:
-    """Builds the answers of named host behaviours for a model, sharing loaded engines."""
-
-    HONEST = ("honest-transformers-fp32", "honest-transformers-bf16", "honest-llama.cpp",
-              "honest-llama.cpp-stripped")
-    CHEATS = ("cheat-other-model", "cheat-layers-removed", "cheat-hotter",
-              "cheat-greedy-when-sampling", "cheat-truncated", "cheat-replayed")
-
-    def __init__(self, registry, model: str, other_model: str = "gemma-3-270m", seed: int = 11):
-        self.registry = registry
-        self.model = model
-        self.spec = registry.get(model)
-        self.other_model = other_model
-        self.seed = seed
-        self._memo: dict[tuple, list[dict]] = {}
-
-    def engine(self, name: str) -> Engine:
-        """A named engine for this factory's model (see ENGINES), loaded once per process."""
-        return shared_engine(self.registry, self.model, name, other_model=self.other_model)
-
-    def records(self, host: str, probes: Sequence[tuple[object, Settings]]) -> list[dict]:
-        """Answers of `host` (a name from HONEST or CHEATS) to the probes. Cheats that
-        need sampled probes (greedy-when-sampling) answer only those."""
-        key = (host, tuple((getattr(p, "id", id(p)), s) for p, s in probes))
-        if key not in self._memo:
-            self._memo[key] = self._records(host, probes)
-        return [dict(r) for r in self._memo[key]]
-
-    def _records(self, host: str, probes: Sequence[tuple[object, Settings]]) -> list[dict]:
-        rng = random.Random(self.seed)
-        kind = host
-        if kind == "honest-transformers-fp32":
-            return answer_records(self.engine("fp32"), probes, host, self.model)
-        if kind == "honest-transformers-bf16":
-            return answer_records(self.engine("bf16"), probes, host, self.model)
-        if kind == "honest-llama.cpp":
-            return answer_records(self.engine("llama.cpp"), probes, host, self.model)
-        if kind == "honest-llama.cpp-stripped":  # as an API that strips whitespace returns them
-            return [{**r, "host": host, "response": r["response"].strip()}
-                    for r in self.records("honest-llama.cpp", probes)]
-        if kind == "cheat-other-model":
-            return answer_records(self.engine("other"), probes, host, self.model)
-        if kind == "cheat-layers-removed":
-            return answer_records(self.engine("minus-layers"), probes, host, self.model)
-        if kind == "cheat-hotter":
-            return answer_records(SettingsOverride(self.engine("fp32"), hotter, host), probes, host, self.model)
-        if kind == "cheat-greedy-when-sampling":
-            sampled = [p for p in probes if not p[1].greedy]
-            return answer_records(SettingsOverride(self.engine("fp32"), greedy, host), sampled, host, self.model)
-        if kind == "cheat-truncated":  # long honest answers cut short, without end of sequence
-            return [{**r, "host": host,
-                     "response": truncate(r["response"], rng) if len(r["response"]) > 60 else r["response"]}
-                    for r in self.records("honest-llama.cpp", probes)]
-        if kind == "cheat-replayed":  # each probe gets the honest answer of another probe
-            honest = self.records("honest-transformers-fp32", probes)
-            shift = max(1, len(honest) // 3)
-            return [{**r, "host": host, "response": honest[(i + shift) % len(honest)]["response"]}
-                    for i, r in enumerate(honest)]
-        raise KeyError(f"unknown host behaviour {host!r}")
+        return _shared.setdefault(key, engine)

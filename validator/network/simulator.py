@@ -1,6 +1,7 @@
 """A simulated Flexstack network on loopback: hosts that answer the text-completion API
 honestly on other engines, dishonestly in the ways hosts cheat, or brokenly in the ways
-servers break (docs/flexstack-api.md has the API they imitate).
+servers break, behind the Flexstack text-completion API (login, token refresh, model
+list, completions plain or streamed; docs/flexstack-api.md).
 
 One uvicorn server listens on one port per host, plus one for the gateway; the port a
 request arrives on says which host it is for. Every model-backed host draws its answers
@@ -10,6 +11,10 @@ A strategy is a plug-in: subclass `Strategy`, give it a `name`, its `engines` (t
 default `answer` generates with the first) and an `Options` model, override `answer`
 (the text a host returns) or, for faults, `respond` (the whole HTTP response), and
 decorate it with `@strategy`. A new cheat is a few lines.
+
+The strategies are the one catalogue of host behaviours: validator.network.catalogue
+names the configurations the tests, calibration and benchmarks use and runs their
+`answer` without HTTP (OfflineNetwork), so recorded answers come from this same code.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from validator.network.engines import Request as EngineRequest
-from validator.network.engines import greedy, hotter, shared_engine, truncate
+from validator.network.engines import shared_engine
 from validator.configs import resolve
 from validator.models.registry import Registry
 from validator.models.sampling import Settings, SettingsError
@@ -115,15 +120,18 @@ class Call:
 
 class Strategy:
     """How one host answers. Subclasses set `name`, optionally `Options` and
-    `engines` (engine names from validator.network.engines to load before serving)."""
+    `engines` (engine names from validator.network.engines to load before serving), and
+    `ordered` when an answer depends on the calls before it (the offline runner then
+    makes its calls one at a time, in order, instead of all at once)."""
 
     name: ClassVar[str]
     engines: ClassVar[tuple[str, ...]] = ()
+    ordered: ClassVar[bool] = False
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, network: "SimulatedNetwork", host: HostConfig):
+    def __init__(self, network: "Network", host: HostConfig):
         self.network, self.host = network, host
         self.model = host.model or network.config.model
         try:
@@ -162,17 +170,30 @@ class HonestTransformers(Strategy):
     name = "honest-transformers"
 
     class Options(Strategy.Options):
-        dtype: Literal["float32", "bfloat16"] = "float32"
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @property
     def engines(self):  # type: ignore[override]
-        return ("fp32" if self.options.dtype == "float32" else "bf16",)
+        return ({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.options.dtype],)
 
 
 @strategy
 class HonestLlamaCpp(Strategy):
+    """llama.cpp on the model's GGUF. `strip`: the whitespace around the answer that the
+    host's API removes, as some do: none, both ends, the leading end, or either (both or
+    the leading end, chosen per request)."""
     name = "honest-llama.cpp"
     engines = ("llama.cpp",)
+
+    class Options(Strategy.Options):
+        strip: Literal["none", "both", "leading", "either"] = "none"
+
+    async def answer(self, call):
+        text = await self.generate(call, "llama.cpp")
+        how = self.options.strip
+        if how == "either":
+            how = ("both", "leading")[_digest(call.messages, call.configs) % 2]
+        return {"none": text, "both": text.strip(), "leading": text.lstrip()}[how]
 
 
 @strategy
@@ -212,6 +233,22 @@ class SettingsIgnored(Strategy):
             call.settings, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p))
 
 
+def hotter(settings: Settings) -> Settings:
+    """A temperature well above the requested one (greedy requests get sampling at 1.0)."""
+    return replace(settings, temperature=max(1.0, settings.temperature + 0.8))
+
+
+def greedy(settings: Settings) -> Settings:
+    return replace(settings, temperature=0.0)
+
+
+def truncate(text: str, rng: random.Random, low: float = 0.3, high: float = 0.7) -> str:
+    """Cut an answer short at a word boundary between `low` and `high` of its length."""
+    cut = int(len(text) * rng.uniform(low, high))
+    space = text.rfind(" ", 0, cut)
+    return text[: space if space > 0 else cut]
+
+
 @strategy
 class Hotter(Strategy):
     name = "hotter"
@@ -248,6 +285,7 @@ class Replayed(Strategy):
     a prompt it has nothing for is generated (and stored)."""
     name = "replayed"
     engines = ("llama.cpp",)
+    ordered = True
 
     class Options(Strategy.Options):
         keep: int = Field(64, ge=1)
@@ -507,9 +545,10 @@ class _QuietDrops(logging.Filter):
         return True
 
 
-class SimulatedNetwork:
-    """Hosts (and a gateway) on loopback. Use `with SimulatedNetwork(cfg) as net:` to
-    serve from a background thread, or `serve_forever()` from the main thread."""
+class Network:
+    """The hosts of a network config, each a strategy, and the engines they share.
+    Subclasses decide how an engine's generation runs: SimulatedNetwork behind HTTP,
+    validator.network.catalogue.OfflineNetwork in batches without it."""
 
     def __init__(self, config: NetworkConfig, registry: Registry | None = None):
         self.config = config
@@ -523,6 +562,27 @@ class SimulatedNetwork:
             raise ValueError(f"unknown strategies {unknown}; known: {', '.join(sorted(STRATEGIES))}")
         self.hosts: dict[str, Strategy] = {h.name: STRATEGIES[h.strategy](self, h)
                                            for h in config.hosts}
+
+    def engine(self, model: str, name: str):
+        return shared_engine(self.registry, model, name)
+
+    async def generate(self, model: str, engine_name: str, messages: list[dict],
+                       settings: Settings) -> str:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Load every model the hosts need (before serving, so the first probe is not slow)."""
+        for host in self.hosts.values():
+            host.load()
+
+
+class SimulatedNetwork(Network):
+    """Hosts (and a gateway) on loopback. Use `with SimulatedNetwork(cfg) as net:` to
+    serve from a background thread, or `serve_forever()` from the main thread."""
+
+    def __init__(self, config: NetworkConfig, registry: Registry | None = None):
+        super().__init__(config, registry)
+        names = list(self.hosts)
         self.gateway_hosts: list[str] = []
         if config.gateway:
             if config.gateway.name in self.hosts:
@@ -548,9 +608,6 @@ class SimulatedNetwork:
         self.app = self._build_app()
 
     # -- models
-    def engine(self, model: str, name: str):
-        return shared_engine(self.registry, model, name)
-
     async def generate(self, model: str, engine_name: str, messages: list[dict],
                        settings: Settings) -> str:
         engine = self.engine(model, engine_name)
@@ -560,11 +617,6 @@ class SimulatedNetwork:
             pool = self._pools[id(engine)]
         request = EngineRequest(messages, settings, settings.seed or 0)
         return await asyncio.get_running_loop().run_in_executor(pool, lambda: engine.generate([request])[0])
-
-    def load(self) -> None:
-        """Load every model the hosts need (before serving, so the first probe is not slow)."""
-        for host in self.hosts.values():
-            host.load()
 
     # -- sockets and serving
     def bind(self) -> dict[str, str]:
@@ -762,3 +814,5 @@ class SimulatedNetwork:
             return response
 
         return app
+
+from validator.network import hostile  # noqa: E402,F401 - registers the hostile strategies (built on the above)

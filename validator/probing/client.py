@@ -1,7 +1,19 @@
 """Async client for the Flexstack text-completion API: one probe is one `complete` call.
 
 Every failure of a host comes back as a `CallRecord` with an error class from `Err`;
-only bad arguments raise. The per-call deadline (`Timeouts.total`) is enforced here with
+only bad arguments raise. A host's response is untrusted in every byte (any status, any
+header, any body): whatever it sends ends in the record, and an exception nobody foresaw
+(a bug of ours) becomes `client_bug`, never an exception out of `complete`.
+
+Redirects are never followed (whatever the `httpx.AsyncClient` passed in is set to do):
+a probe goes to the host's URL and nowhere else. Following one would let a host send the
+probe, and its token, to any address, the validator's own loopback services included;
+a redirect is recorded as `redirect` with its target.
+
+Compressed bodies (gzip, deflate) are inflated here, never more than the cap at a time:
+httpx inflates each network read whole, so 64 KiB of gzip would become 64 MiB at once.
+
+The per-call deadline (`Timeouts.total`) is enforced here with
 asyncio.timeout, because httpx's read timeout only bounds the gap between two chunks: a
 host trickling one byte a second would otherwise hold a probe forever.
 
@@ -16,8 +28,11 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import random
+import reprlib
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlencode
@@ -26,8 +41,10 @@ import httpx
 
 from validator.models.sampling import Settings
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 _ERROR_BODY_CAP = 64 * 1024  # enough of an error body for its message
+_DETAIL_CAP = 2000  # characters of a record's detail: what went wrong, not the whole body
 
 
 class Err:
@@ -43,13 +60,18 @@ class Err:
     AUTH_FAILED = "auth_failed"
     RATE_LIMITED = "rate_limited"  # 429 after retries
     SERVER_ERROR = "server_error"  # 5xx after retries
-    MALFORMED_JSON = "malformed_json"  # non-streamed body is not JSON
+    MALFORMED_JSON = "malformed_json"  # non-streamed body is not JSON we can parse (bad
+    #                                    syntax, nested too deeply, a number of >4300 digits)
     BAD_ENVELOPE = "bad_envelope"  # JSON, but no string data.data.response, status not
     #                                "success", non-empty errors, or task not COMPLETED
     OVERSIZED = "oversized"  # answer over Timeouts.max_bytes; reading stopped at the cap
     INVALID_UTF8 = "invalid_utf8"  # answer is not valid UTF-8 (or holds lone surrogates)
     STREAM_CUT = "stream_cut"  # connection closed before the body (or response) completed
-    PROTOCOL_ERROR = "protocol_error"  # any other transport failure (bad HTTP, pool timeout...)
+    PROTOCOL_ERROR = "protocol_error"  # any other transport failure (bad HTTP, a header the
+    #                                    parser refuses, broken compression, pool timeout...)
+    REDIRECT = "redirect"  # a 3xx: never followed (module docstring); detail has the target
+    CLIENT_BUG = "client_bug"  # an exception nobody foresaw: a bug of ours, fix it; detail
+    #                            has its type. The call still ends as a record.
 
 
 # Failures worth another attempt; everything else is the host's answer and is kept.
@@ -134,6 +156,8 @@ class Wire:
 
 
 def _fail(rec: CallRecord, error: str, detail: str) -> None:
+    if len(detail) > _DETAIL_CAP:
+        detail = detail[:_DETAIL_CAP - 20] + f"... [{len(detail)} chars]"
     rec.error, rec.detail, rec.text = error, detail, None
 
 
@@ -356,6 +380,10 @@ class FlexstackClient:
             rec.configs_echo = None
             _fail(rec, Err.TOTAL_TIMEOUT, f"not finished within {self.timeouts.total}s "
                   f"(attempt {rec.attempts}, {rec.bytes} body bytes read)")
+        except Exception as e:  # noqa: BLE001 - whatever a host sends ends as a record
+            log.exception("client_bug calling %s", self.base_url)
+            rec.configs_echo = None
+            _fail(rec, Err.CLIENT_BUG, f"{type(e).__name__} in the client: {_exc_text(e)}")
         rec.total_s = time.monotonic() - t0
         rec.ok = rec.error is None
         return rec
@@ -414,16 +442,14 @@ class FlexstackClient:
                         window.reschedule(sent + t.first_byte)
 
                 request.extensions["trace"] = trace
-                response = await self._http.send(request, stream=True)
+                response = await self._http.send(request, stream=True, follow_redirects=False)
         except TimeoutError:
             return _fail(rec, Err.FIRST_BYTE_TIMEOUT,
                          f"no response headers within {t.first_byte}s of sending")
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             return _fail(rec, Err.CONNECT, f"{type(e).__name__}: {e}")
-        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-            return _fail(rec, Err.STREAM_CUT, f"closed before the response: {e}")
         except httpx.HTTPError as e:
-            return _fail(rec, Err.PROTOCOL_ERROR, f"{type(e).__name__}: {e}")
+            return _fail(rec, _transport_error(e), f"before the response: {type(e).__name__}: {e}")
 
         rec.ttfb_s = loop.time() - sent
         rec.status = response.status_code
@@ -432,10 +458,11 @@ class FlexstackClient:
         success = 200 <= response.status_code < 300
         try:
             body, over = await _read_capped(response, cap if success else _ERROR_BODY_CAP, rec)
-        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-            return _fail(rec, Err.STREAM_CUT, f"body cut after {rec.bytes} bytes: {e}")
         except httpx.HTTPError as e:
-            return _fail(rec, Err.PROTOCOL_ERROR, f"{type(e).__name__}: {e}")
+            return _fail(rec, _transport_error(e), f"body cut after {rec.bytes} bytes: {e}")
+        except zlib.error as e:
+            return _fail(rec, Err.PROTOCOL_ERROR, f"body is not valid "
+                         f"{response.headers.get('content-encoding', '')!r}: {e}")
         finally:
             await response.aclose()  # after a cap this drops the connection, as it should
 
@@ -446,6 +473,9 @@ class FlexstackClient:
         code, message = response.status_code, f"HTTP {response.status_code}: {_error_detail(body)}"
         if code == 401:
             return _fail(rec, Err.AUTH_FAILED, message)
+        if 300 <= code < 400:
+            return _fail(rec, Err.REDIRECT, f"HTTP {code} to "
+                         f"{response.headers.get('location', '(no Location)')!r}, not followed")
         if code == 429 or code >= 500:
             _fail(rec, Err.RATE_LIMITED if code == 429 else Err.SERVER_ERROR, message)
             return _retry_after(response) if code in (429, 503) else None
@@ -457,7 +487,7 @@ class FlexstackClient:
         if rec.stream and "json" in ctype:
             # The docs say streams are plain text; a JSON envelope here is an error report
             # or a host ignoring stream=true. Anything else stays raw text.
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 obj = json.loads(body)
                 envelope = isinstance(obj, dict) and "data" in obj and "status" in obj
         if envelope:
@@ -496,16 +526,88 @@ def _check_messages(messages: Any) -> None:
 
 async def _read_capped(response: httpx.Response, cap: int, rec: CallRecord) -> tuple[bytes, bool]:
     """The body as bytes (content-decoded, never re-split or re-joined by lines); stops
-    as soon as it passes `cap`. Returns (bytes read, passed the cap)."""
+    as soon as it passes `cap`, counted after decoding. Returns (bytes read, passed the
+    cap); zlib.error for a body that is not what its Content-Encoding says."""
     parts: list[bytes] = []
+    inflaters = _inflaters(response.headers.get("content-encoding", ""))
     # aclosing: a generator left open after `break` would be finalised by a stray task.
-    async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+    async with contextlib.aclosing(response.aiter_raw()) as chunks:
         async for chunk in chunks:
+            for inflate in inflaters:
+                chunk = inflate.feed(chunk, cap + 1 - rec.bytes)
             parts.append(chunk)
             rec.bytes += len(chunk)
             if rec.bytes > cap:
                 return b"".join(parts), True
-    return b"".join(parts), False
+    for i, inflate in enumerate(inflaters):  # what each decoder still holds
+        tail = inflate.flush()
+        for later in inflaters[i + 1:]:
+            tail = later.feed(tail, cap + 1 - rec.bytes)
+        parts.append(tail)
+        rec.bytes += len(tail)
+    return b"".join(parts), rec.bytes > cap
+
+
+class _Inflate:
+    """One gzip or deflate layer that never yields more than it is asked for (zlib's
+    max_length); the input it has not used is dropped, which is right only because the
+    caller stops reading once a call asks for less than it gets."""
+
+    def __init__(self, encoding: str) -> None:
+        self.deflate = encoding == "deflate"
+        # gzip, or deflate as RFC 9110 defines it (zlib-wrapped); some servers send raw
+        # deflate instead, which the first error switches to (as httpx does).
+        self._z = zlib.decompressobj(zlib.MAX_WBITS | (32 if not self.deflate else 0))
+        self._started = False
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        try:
+            out = self._z.decompress(data, max(1, limit))
+        except zlib.error:
+            if not (self.deflate and not self._started):
+                raise
+            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = self._z.decompress(data, max(1, limit))
+        self._started = self._started or bool(data)
+        return out
+
+    def flush(self) -> bytes:
+        return self._z.flush() if not self._z.unconsumed_tail else b""
+
+
+def _inflaters(content_encoding: str) -> list[_Inflate]:
+    """Decoders for a Content-Encoding, outermost first; encodings we do not know pass
+    the bytes through as they are (as httpx does)."""
+    names = [e.strip().lower() for e in content_encoding.split(",")]
+    return [_Inflate("deflate" if n == "deflate" else "gzip")
+            for n in reversed(names) if n in ("gzip", "x-gzip", "deflate")]
+
+
+def _transport_error(e: httpx.HTTPError) -> str:
+    """STREAM_CUT when the host closed (or reset) the connection, PROTOCOL_ERROR when
+    what it sent is not HTTP (h11 says which in its message)."""
+    if isinstance(e, httpx.ReadError):
+        return Err.STREAM_CUT
+    if isinstance(e, httpx.RemoteProtocolError):
+        text = str(e).lower()
+        return Err.STREAM_CUT if ("disconnect" in text or "closed" in text) else Err.PROTOCOL_ERROR
+    return Err.PROTOCOL_ERROR
+
+
+_short = reprlib.Repr()  # a host's JSON in a message: bounded in length and in depth
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 200, 200
+_short.maxlist = _short.maxdict = 8
+
+
+def _describe(obj: Any) -> str:
+    return _short.repr(obj)
+
+
+def _exc_text(e: BaseException) -> str:
+    try:
+        return str(e)[:500]
+    except Exception:  # noqa: BLE001 - an exception whose message itself fails
+        return "(no message)"
 
 
 def _decode(rec: CallRecord, body: bytes) -> str | None:
@@ -522,7 +624,10 @@ def _load_json(rec: CallRecord, body: bytes) -> Any:
     try:
         obj = json.loads(text)
     except ValueError as e:
-        return _fail(rec, Err.MALFORMED_JSON, f"{e}; body starts {text[:120]!r}")
+        return _fail(rec, Err.MALFORMED_JSON, f"{_exc_text(e)}; body starts {text[:120]!r}")
+    except RecursionError:
+        return _fail(rec, Err.MALFORMED_JSON, f"JSON nested too deeply to parse; body starts "
+                     f"{text[:120]!r}")
     if not isinstance(obj, dict):
         return _fail(rec, Err.BAD_ENVELOPE, f"body is JSON {type(obj).__name__}, not an object")
     return obj
@@ -532,8 +637,8 @@ def _unwrap(obj: dict) -> tuple[str, dict | None]:
     """(answer, configs echo) of a completion envelope; ValueError says what is wrong."""
     status, errors = obj.get("status", "success"), obj.get("errors") or []
     if status != "success" or errors:
-        raise ValueError(f"status={status!r} errors={errors!r} "
-                         f"error_description={obj.get('error_description', '')!r}")
+        raise ValueError(f"status={_describe(status)} errors={_describe(errors)} "
+                         f"error_description={_describe(obj.get('error_description', ''))}")
     data = obj.get("data")
     if not isinstance(data, dict):
         raise ValueError("envelope has no `data` object")
@@ -543,7 +648,7 @@ def _unwrap(obj: dict) -> tuple[str, dict | None]:
     if not isinstance(task, dict) or not isinstance(task.get("response"), str):
         raise ValueError("data.data.response is missing or not a string")
     if task.get("status", "COMPLETED") != "COMPLETED":
-        raise ValueError(f"data.data.status is {task['status']!r}, not 'COMPLETED'")
+        raise ValueError(f"data.data.status is {_describe(task['status'])}, not 'COMPLETED'")
     configs = data.get("configs", task.get("configs"))
     return task["response"], configs if isinstance(configs, dict) else None
 
@@ -554,19 +659,32 @@ def _error_detail(body: bytes) -> str:
     text = body.decode("utf-8", errors="replace")
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:300]
     if isinstance(obj, dict):
         detail = obj.get("detail")
         if isinstance(detail, list):
-            return "; ".join(
-                f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', d)}"
-                if isinstance(d, dict) else str(d) for d in detail)
+            return "; ".join(_validation_error(d) for d in detail[:20])
+        if isinstance(detail, str):
+            return detail
         if detail is not None:
-            return str(detail)
+            return _describe(detail)
         if obj.get("error_description") or obj.get("errors"):
-            return f"{obj.get('error_description', '')} {obj.get('errors') or ''}".strip()
+            described = [v if isinstance(v, str) else _describe(v)
+                         for v in (obj.get("error_description"), obj.get("errors")) if v]
+            return " ".join(described)
     return text[:300]
+
+
+def _validation_error(d: Any) -> str:
+    """One item of FastAPI's 422 detail list: `loc.path: msg`."""
+    if not isinstance(d, dict):
+        return _describe(d)
+    loc = d.get("loc")
+    where = ".".join(str(x) if isinstance(x, (str, int)) else _describe(x)
+                     for x in (loc if isinstance(loc, list) else [] if loc is None else [loc]))
+    msg = d.get("msg", d)
+    return f"{where}: {msg if isinstance(msg, str) else _describe(msg)}"
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -1,8 +1,10 @@
 """`validator calibrate`: tolerances from honest engines, never from cheaters.
 
-Honest answers come from every engine named (transformers in float32 and bfloat16,
-llama.cpp on the GGUF, and llama.cpp's answers with surrounding whitespace stripped as
-an API might). Each is aligned and scored, and we record how far honest tokens fall:
+Honest answers come from the simulator's honest hosts (validator.network.catalogue, run
+offline), one per engine named (transformers in float32 and bfloat16, llama.cpp on the
+GGUF, and llama.cpp behind an API that strips the whitespace around an answer: both
+ends or the leading one). Each is aligned and scored, and we record how far honest
+tokens fall:
 - greedy tokens: gap below the reference's best;
 - sampled tokens: distance below the edge of the top-k/top-p support;
 - early stops: end of sequence below the best (greedy) or below the support edge.
@@ -15,17 +17,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import random
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from validator.scoring.align import AlignItem, Aligner
-from validator.network.engines import LlamaCppEngine, TransformersEngine, answer_records
+from validator.network.catalogue import OfflineNetwork
 from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
 from validator.scoring.reference import ReferenceModel
-from validator.models.registry import ModelSpec
+from validator.models.registry import ModelSpec, Registry
 from validator.models.sampling import Settings
 from validator.scoring.verdict import Tolerances, VerdictRule, score_answer
 
@@ -34,11 +35,14 @@ FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}
 SEED = 20261127
 
 
-def make_engine(name: str, spec: ModelSpec):
+def honest_hosts(name: str) -> dict[str, dict]:
+    """The honest host configurations (simulator strategies) behind an engine name:
+    transformers-DTYPE, or llama.cpp with its whitespace-stripped twin."""
     if name.startswith("transformers-"):
-        return TransformersEngine(spec, dtype=name.split("-", 1)[1], name=name)
+        return {name: {"strategy": "honest-transformers", "dtype": name.split("-", 1)[1]}}
     if name == "llama.cpp":
-        return LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template, name=name)
+        return {name: {"strategy": "honest-llama.cpp"},
+                "llama.cpp-stripped": {"strategy": "honest-llama.cpp", "strip": "either"}}
     raise ValueError(f"unknown engine {name!r} (transformers-DTYPE or llama.cpp)")
 
 
@@ -123,16 +127,13 @@ def _answer(spec: ModelSpec, prompts_path, engine_names: list[str], limit: int,
     probes = greedy_and_sampled(prompts, load_mix("calibration"), SEED)
     records: dict[str, list[dict]] = {}
     for name in engine_names:
-        log(f"answering {len(probes)} probes with {name} ...")
-        engine = make_engine(name, spec)
-        records[name] = answer_records(engine, probes, name, spec.name)
-        del engine
-        if name == "llama.cpp":  # as an API that strips surrounding whitespace returns them
-            rng = random.Random(SEED)
-            records["llama.cpp-stripped"] = [
-                {**r, "host": "llama.cpp-stripped",
-                 "response": r["response"].strip() if rng.random() < 0.5 else r["response"].lstrip()}
-                for r in records[name]]
+        hosts = honest_hosts(name)
+        # One engine in memory at a time: each may be a large model.
+        network = OfflineNetwork.of(hosts, spec.name, Registry({spec.name: spec}), shared_engines=False)
+        for host in hosts:
+            log(f"answering {len(probes)} probes with {host} ...")
+            records[host] = network.records(host, probes)
+        network.close()
     return records
 
 

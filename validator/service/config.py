@@ -119,6 +119,13 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"  # bind address of `validator serve`
     port: int = Field(8080, ge=0, le=65535)
     public_reads: bool = False  # API reads, dashboard and /metrics without a token
+    # Request bodies past these get 413 before anything parses them (validator.web.limits);
+    # the default fits /validator/v1/llm at its own caps in any usual encoding.
+    max_body_bytes: int = Field(16 << 20, ge=1)
+    max_login_bytes: int = Field(16 << 10, ge=1)  # the /login form: a token and a path
+    # Calls that spend model time (POST /validator/v1/llm, a probe's page or API read that
+    # recomputes with the scorer) per token, or per client address without one; 0: no limit.
+    model_calls_per_minute: int = Field(30, ge=0)
     # Reader tokens (and public reads) see a probe and its answer only this long after it
     # was sent, so a host cannot read which of its requests were probes; admins see all.
     probe_delay_s: float = Field(86_400, ge=0)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import Any
-
 from collections import Counter
+from datetime import datetime
+from typing import Any, Callable
 
 from validator.reputation import STATES, ReputationConfig, combined_score, components
 from validator.scoring.batch import AnswerRecord, InputError, error
@@ -158,13 +158,15 @@ def history(store: Store, name: str, *, limit: int = PAGE, offset: int = 0, verd
     return page([answer(r) for r in rows], total, limit, offset)
 
 
-def probe_detail(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = True) -> dict | None:
+def probe_detail(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = True,
+                 spend: Callable[[], None] = lambda: None) -> dict | None:
     """A probe with its answer, score, per-token gaps and the reference's re-run.
 
     Per-token gaps come from the stored score (the daemon keeps them); the re-run is
     stored only when the daemon runs with `scoring.rerun`. What is missing is computed
     here with the real scorer (`validator audit`'s) and not stored: the server only
-    reads. `sources` says which is which."""
+    reads. `sources` says which is which. `spend` is called first when the scorer is
+    (to count it against the caller's rate limit, which may refuse)."""
     found = store.probe_detail(probe_id)
     if found is None:
         return None
@@ -177,6 +179,7 @@ def probe_detail(store: Store, scorer: Scorer, probe_id: str, *, rerun: bool = T
     computed = None
     answered = d is not None and d["ok"] and d["text"] is not None
     if answered and (per_token is None or (rerun and rerun_text is None)):
+        spend()
         try:
             (out,) = scorer.score([AnswerRecord.build(p["id"], p["host"], p["model"], p["messages"],
                                                       p["configs"], d["text"])], rerun=rerun)

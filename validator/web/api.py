@@ -17,6 +17,7 @@ from validator.service.config import CREDENTIALS_KEY
 from validator.service.operations import StateChanged, UnknownHost, UnknownProbe
 from validator.store import STATES, VERDICTS
 from validator.web.auth import Principal, admin, reader
+from validator.web.limits import RATE_LIMITED
 
 router = APIRouter(prefix="/api")
 T = TypeVar("T")
@@ -280,7 +281,7 @@ def host_series(request: Request, host: str = HostName, _: Principal = Depends(r
 
 
 @router.get("/probes/{probe_id}", response_model=ProbeDetail, tags=["probes"],
-            responses={**NO_TOKEN, 404: {"description": "No such probe."},
+            responses={**NO_TOKEN, **RATE_LIMITED, 404: {"description": "No such probe."},
                        503: {"description": "The host's reference model cannot be loaded here."}})
 def get_probe(request: Request, probe_id: str = ProbeId, who: Principal = Depends(reader),
               rerun: bool = Query(True, description="Include the reference's re-run (generated here when "
@@ -291,7 +292,8 @@ def get_probe(request: Request, probe_id: str = ProbeId, who: Principal = Depend
     ctx = web(request)
     if not probe_visible(ctx.store, probe_id, sent_before(request, who)):
         raise not_found(f"probe {probe_id!r} ({delay_note(request)})")
-    found = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=rerun)
+    found = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=rerun,
+                               spend=ctx.limits.spender(request, who))
     if found is None:
         raise not_found(f"probe {probe_id!r}")
     return found

@@ -26,6 +26,7 @@ from validator.web import api, dashboard, llm_endpoint, metrics
 from validator.service.operations import Service
 from validator.service.reads import finite
 from validator.service.scorer import ModelUnavailable, Scorer
+from validator.web.limits import LOGIN_PATH, BodyLimits, ModelTimeLimiter
 
 DESCRIPTION = """\
 The referee of a decentralised LLM network: hosts, their reputations and the evidence
@@ -42,6 +43,7 @@ class WebContext:
     registry: Registry
     service: Service
     metrics: CollectorRegistry
+    limits: ModelTimeLimiter
 
 
 def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
@@ -79,9 +81,13 @@ def create_app(store: Store, config: ServeConfig | None = None, *, registry: Reg
                                 {"name": "admin", "description": "Writes: admin tokens only."},
                                 {"name": "validator", "description": "The network's validator API."},
                                 {"name": "status", "description": "Service state and metrics."}])
+    config = config or ServeConfig()
     service = Service(store, registry, reputation, Scorer(registry, models=models))
-    app.state.web = WebContext(store=store, config=config or ServeConfig(), registry=registry,
-                               service=service, metrics=metrics.registry_for(store))
+    app.state.web = WebContext(store=store, config=config, registry=registry, service=service,
+                               metrics=metrics.registry_for(store),
+                               limits=ModelTimeLimiter(config.model_calls_per_minute))
+    app.add_middleware(BodyLimits, max_bytes=config.max_body_bytes,
+                       per_path={LOGIN_PATH: config.max_login_bytes})
     app.add_exception_handler(ModelUnavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.include_router(api.router)

@@ -29,6 +29,7 @@ from validator.service import reads
 from validator.service.provenance import describe
 from validator.web.api import delay_note, probe_visible, sent_before
 from validator.web.auth import COOKIE, Principal, bearer, identify, token_hash
+from validator.web.limits import RateLimited
 from validator.service.scorer import ModelUnavailable
 
 router = APIRouter(include_in_schema=False)
@@ -148,9 +149,14 @@ def probe_page(request: Request, probe_id: str, creds=Depends(bearer)):
     if not probe_visible(ctx.store, probe_id, sent_before(request, who)):
         return _not_found(request, who, f"No probe {probe_id!r} ({delay_note(request)}).")
     try:
-        p = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=True)
+        p = reads.probe_detail(ctx.store, ctx.service.scorer, probe_id, rerun=True,
+                               spend=ctx.limits.spender(request, who))
     except ModelUnavailable as exc:
         return _page(request, "error.html", who, 503, status=503, message=str(exc))
+    except RateLimited as exc:
+        page = _page(request, "error.html", who, 429, status=429, message=exc.detail)
+        page.headers.update(exc.headers)
+        return page
     if p is None:
         return _not_found(request, who, f"No probe {probe_id!r}.")
     verdict = None

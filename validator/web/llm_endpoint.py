@@ -51,6 +51,7 @@ from validator.scoring.batch import AnswerRecord
 from validator.service.audit import audit_records
 from validator.service.operations import ratings
 from validator.service.reads import finite
+from validator.web.limits import RATE_LIMITED
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -273,8 +274,11 @@ def components() -> dict[str, Callable[[Pairs], list[float | None]]]:
     return found
 
 
-def score_pairs(req: LlmRequest, ctx) -> dict:
+def score_pairs(req: LlmRequest, ctx, spend: Callable[[], None] = lambda: None) -> dict:
+    """`spend` is called once the request is known to be valid, before any model work
+    (it counts against the caller's rate limit, which may refuse with 429)."""
     model, settings = _check(req, ctx)
+    spend()
     cfg = ctx.config.llm
     prompts, responses = req.pair_prompts, req.pair_responses
     host = req.host or "request"
@@ -318,9 +322,11 @@ def score_pairs(req: LlmRequest, ctx) -> dict:
              responses={401: {"description": "No valid token (unless serve.llm.public)."},
                         422: {"description": "Malformed request: lengths differ, a cap is exceeded, "
                                              "unknown model, bad settings."},
-                        503: {"description": "The reference model or the embedder cannot be loaded here."}})
-def validate_llm(request: Request, body: LlmRequest, _: Principal = Depends(llm_caller)):
+                        503: {"description": "The reference model or the embedder cannot be loaded here."},
+                        **RATE_LIMITED})
+def validate_llm(request: Request, body: LlmRequest, who: Principal = Depends(llm_caller)):
     """Score prompt/response pairs with the reference model (and ground truths with
     sentence embeddings). Accepts the network's `prompts`/`responses`/`ground_truths`
     and its Python helper's `questions`/`answers`."""
-    return score_pairs(body, request.app.state.web)
+    ctx = request.app.state.web
+    return score_pairs(body, ctx, spend=ctx.limits.spender(request, who))
