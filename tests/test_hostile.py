@@ -10,6 +10,8 @@ falls.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import socket
 import time
@@ -221,7 +223,7 @@ def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tm
     bank = tmp_path / "bank.yaml"
     bank.write_text(yaml.safe_dump({"prompts": [
         {"id": "good-1", "messages": [{"role": "user", "content": "Say hello."}]},
-        {"id": "bad-role", "messages": [{"role": "tool", "content": "{}"}]},
+        {"id": "bad-role", "messages": [{"role": "user", "content": "A role goes wrong after loading."}]},
         {"id": "good-2", "messages": [{"role": "user", "content": "Name a colour."}]}]}))
     url = Store.default_url(tmp_path / "v.db")
     with_tokens(monkeypatch, ["s"])
@@ -233,6 +235,10 @@ def test_a_probe_the_client_refuses_is_recorded_and_the_hosts_others_answered(tm
             "client": {"connect_s": 2, "first_byte_s": 5, "total_s": 10, "retries": 0},
             "hosts": [{"name": "s", "url": net.urls["s"], "model": MODEL}]})
         daemon = Daemon(config, on_event=lambda m: None)
+        # load_bank refuses a bad role, so the bad prompt is put in after loading (as a
+        # bug between the bank and the client would): the client refuses it when sending.
+        daemon.bank = [replace(p, messages=[{"role": "tool", "content": "{}"}]) if p.id == "bad-role" else p
+                       for p in daemon.bank]
         assert asyncio.run(daemon.probe_round(1)) == 1
     store = Store(url)
     try:
