@@ -405,6 +405,9 @@ class Store:
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = sessionmaker(self.engine.execution_options(sqlite_deferred=True),
                                     expire_on_commit=False)
+        # Provenance ids by digest, once committed: every score of a model shares one, and a
+        # stored provenance is never deleted.
+        self._provenance_ids: dict[str, int] = {}
 
     @staticmethod
     def default_url(path: str | Path) -> str:
@@ -709,8 +712,10 @@ class Store:
         values = {"probe_id": probe_id, "verdict": verdict, "p_value": p_value,
                   "reasons": list(reasons), "metrics": metrics, "scored_at": _now(),
                   "validator": validator}
+        digest = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest() if provenance else None
         with self.session() as s:
-            values["provenance_id"] = self._provenance_id(s, provenance) if provenance else None
+            if digest is not None:
+                values["provenance_id"] = self._provenance_ids.get(digest) or self._provenance_id(s, digest, provenance)
             added = self._insert_new(s, Score, values, "probe_id")
             s.execute(update(Dispatch.__table__).where(Dispatch.probe_id == probe_id, _AWAITING_SCORE)
                       .values(awaiting_score=False))
@@ -724,10 +729,11 @@ class Store:
                     amounts.update({"latency_count": 1, "latency_sum_s": latency,
                                     latency_bucket(latency): 1})
                 self._count(s, host_id, amounts)
-            return added
+        if digest is not None:  # committed now
+            self._provenance_ids[digest] = values["provenance_id"]
+        return added
 
-    def _provenance_id(self, s: Session, body: dict) -> int:
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    def _provenance_id(self, s: Session, digest: str, body: dict) -> int:
         s.execute(self._insert(Provenance).on_conflict_do_nothing(index_elements=["digest"]),
                   {"digest": digest, "body": body, "created_at": _now()})
         return s.scalar(select(Provenance.id).where(Provenance.digest == digest))
