@@ -105,8 +105,8 @@ def test_whitespace_stripping_options(registry):
 def test_calibration_answers_come_from_the_honest_strategies(spec):
     """Calibration's honest hosts are the strategies: its stripped llama.cpp host is the
     same llama.cpp answers behind an API stripping both ends or the leading one."""
-    probes = greedy_and_sampled(load_bank("configs/prompts/calibration.yaml")[:1], load_mix(),
-                                calibration.SEED)
+    probes = greedy_and_sampled(load_bank("configs/prompts/calibration.yaml")[:1],
+                                load_mix("calibration"), calibration.SEED)
     records = calibration._answer(spec, "configs/prompts/calibration.yaml", ["llama.cpp"], 1,
                                   log=lambda _: None)
     assert list(records) == ["llama.cpp", "llama.cpp-stripped"]
