@@ -20,7 +20,10 @@ from validator.web.auth import create_token
 from .conftest import GREEDY, MODEL, LiveServer
 
 PER_MINUTE = 2
+# probe_delay_s 0: the reader tokens here read probes sent a moment ago (the delay has
+# its own test in tests/test_probes.py).
 LIMITED = ServeConfig(max_body_bytes=4096, max_login_bytes=512, model_calls_per_minute=PER_MINUTE,
+                      probe_delay_s=0,
                       llm=LlmEndpointConfig(rerun=False, max_pairs=2, max_chars=200, max_tokens=24))
 SHORT = {**GREEDY.as_configs(), "max_tokens": 8}
 PAIR = {"prompts": ["Say hello."], "responses": ["Hello!"], "configs": {"temperature": 0, "max_tokens": 8}}

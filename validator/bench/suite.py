@@ -318,7 +318,7 @@ def resolve_prompts(suite: Suite, base: Path, limit: int | None = None,
             path = _bank_path(ps.bank, base)
             try:
                 prompts = load_bank(path)
-            except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+            except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
                 raise SuiteError(f"prompt set {ps.name}: cannot load bank {path}: {exc}") from None
         elif ps.jsonl is not None:
             prompts = _read_jsonl(_resolve(ps.jsonl, base), ps.name)

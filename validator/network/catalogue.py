@@ -49,6 +49,14 @@ CHEATS = tuple(name for name in CATALOGUE if name.startswith("cheat-"))
 Probe = tuple[object, Settings]  # (a prompt with `messages` and `id`, its settings)
 
 
+def as_received(model: str, settings: Settings) -> dict:
+    """The configs a host receives from the validator's client (its default wire shape,
+    validator.probing.client.Wire): the model and the settings, never a seed. Offline
+    answers are the answers to exactly this, as over HTTP."""
+    return {"model": model, "temperature": settings.temperature, "top_k": settings.top_k,
+            "top_p": settings.top_p, "max_new_tokens": settings.max_tokens}
+
+
 class OfflineNetwork(Network):
     """The hosts of a network config answering probes in-process, engine calls batched.
 
@@ -134,9 +142,9 @@ class OfflineNetwork(Network):
         if type(strategy).respond is not Strategy.respond:
             raise ValueError(f"host {host!r}: strategy {config.strategy} is defined by its HTTP "
                              "response (respond), which has no offline answer")
-        # What a host receives from the validator's client: its configs carry the model.
-        calls = [Call(host, p.messages, {"model": strategy.model, **s.as_configs()}, s,
-                      stream=False, started=time.time(), client="127.0.0.1") for p, s in probes]
+        calls = [Call(host, p.messages, configs, Settings.from_configs(configs), stream=False,
+                      started=time.time(), client="127.0.0.1")
+                 for p, configs in ((p, as_received(strategy.model, s)) for p, s in probes)]
 
         async def run() -> list[str]:
             if strategy.ordered:

@@ -192,7 +192,7 @@ class HonestLlamaCpp(Strategy):
         text = await self.generate(call, "llama.cpp")
         how = self.options.strip
         if how == "either":
-            how = ("both", "leading")[_digest(call.messages, call.configs) % 2]
+            how = ("both", "leading")[_request_key(call) % 2]
         return {"none": text, "both": text.strip(), "leading": text.lstrip()}[how]
 
 
@@ -275,7 +275,7 @@ class Truncated(Strategy):
 
     async def answer(self, call):
         text = await self.generate(call, "llama.cpp")
-        rng = random.Random(_digest(call.messages, call.configs))
+        rng = random.Random(_request_key(call))
         return truncate(text, rng) if len(text) > 60 else text
 
 
@@ -507,6 +507,14 @@ def _media(call: Call) -> str:
 
 def _digest(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+
+
+def _request_key(call: Call) -> int:
+    """A request's identity by what it asks, whatever names its configs used on the wire
+    (`max_tokens` or `max_new_tokens`, a `model` field or none): the same probe gets the
+    same cut or stripping over HTTP and offline."""
+    s = call.settings
+    return _digest(call.messages, s.temperature, s.top_k, s.top_p, s.max_tokens)
 
 
 async def _sleep_unless_gone(request: Request, seconds: float) -> bool:
