@@ -147,3 +147,89 @@ def test_pooled_weight_leaves_the_answers_evidence_almost_as_it_was():
     for weight in (0.0, ReputationConfig().pooled_weight):
         _, t = assess("new", _outcomes([None, None], p=1e-9), config=ReputationConfig(pooled_weight=weight))
         assert t is not None and t.state_to == "flagged"
+
+
+# ------------------------------------------------------------------ the deviation strategies
+
+def _strategy(name: str, **options):
+    from types import SimpleNamespace
+
+    from validator.network.simulator import STRATEGIES, HostConfig
+
+    network = SimpleNamespace(config=SimpleNamespace(model="smollm2-135m"))
+    return STRATEGIES[name](network, HostConfig(name="h", strategy=name, **options))
+
+
+@pytest.mark.parametrize("name, options, asked, sampled", [
+    ("temperature-offset", {"offset": -0.25}, (0.7, 50, 0.5), (0.45, 50, 0.5)),
+    ("temperature-offset", {"offset": 0.4}, (1.0, 0, 0.95), (1.4, 0, 0.95)),
+    ("temperature-offset", {"offset": -1.0}, (0.3, 10, 0.9), (2e-5, 10, 0.9)),  # never greedy
+    ("temperature-clamped", {"high": 0.5}, (0.7, 50, 0.5), (0.5, 50, 0.5)),
+    ("temperature-clamped", {"high": 0.5}, (0.3, 50, 0.5), (0.3, 50, 0.5)),
+    ("top-p-widened", {"widen": 0.1}, (0.7, 50, 0.5), (0.7, 50, 0.6)),
+    ("top-p-widened", {"widen": 0.2}, (0.7, 50, 0.95), (0.7, 50, 1.0)),
+    ("top-k-ignored", {}, (1.0, 40, 1.0), (1.0, 0, 1.0)),
+    ("filters-ignored", {}, (0.7, 50, 0.5), (0.7, 0, 1.0)),
+])
+def test_deviations_bend_sampled_settings_by_their_size(name, options, asked, sampled):
+    from validator.models.sampling import Settings
+
+    strategy = _strategy(name, **options)
+    t, k, p = asked
+    got = strategy.bend(Settings(temperature=t, top_k=k, top_p=p, max_tokens=32, seed=3))
+    assert (got.temperature, got.top_k, got.top_p) == pytest.approx(sampled)
+    assert (got.max_tokens, got.seed) == (32, 3)
+    assert strategy.engines == ("fp32",)
+    assert _strategy(name, engine="llama.cpp", **options).engines == ("llama.cpp",)
+
+
+def test_deviations_are_registered_and_reject_unknown_options():
+    from validator.network.deviations import DEVIATIONS
+    from validator.network.simulator import STRATEGIES
+
+    assert set(DEVIATIONS) <= set(STRATEGIES)
+    with pytest.raises(ValueError, match="offset"):
+        _strategy("temperature-offset", offset="cold")
+    with pytest.raises(ValueError):
+        _strategy("top-p-widened", widen=0.1, top_k=3)
+
+
+# ------------------------------------------------------------------ real answers
+
+def pooled_host_outcomes(lines: list[dict]) -> list[Outcome]:
+    """Scored audit lines as one host's history, in order, as the reputation reads it."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    return [Outcome(str(line["id"]), t0 + timedelta(minutes=i), verdict=line["verdict"],
+                    p_value=line["p_value"], pooled=line["metrics"].get("pooled"))
+            for i, line in enumerate(lines)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", [
+    {"strategy": "filters-ignored"},
+    {"strategy": "temperature-offset", "offset": -0.4},
+    {"strategy": "temperature-offset", "offset": 0.4},
+    {"strategy": "top-p-widened", "widen": 0.2},
+])
+def test_real_deviations_are_flagged_by_pooled_evidence(host, registry, ref):
+    """Deviating hosts generated live by the fp32 engine, 30 sampled probes at temperature
+    0.8, top-k 20, top-p 0.95: the pooled evidence flags them (the daemon's reputation and
+    the audit alike); the answers alone mostly would not."""
+    from validator.models.sampling import Settings
+    from validator.network.catalogue import OfflineNetwork
+    from validator.probing.probes import load_bank
+    from validator.service.audit import run_audit
+    from validator.service.scorer import Scorer
+
+    from .conftest import MODEL
+
+    bank = load_bank("configs/prompts/general.yaml")[:30]
+    probes = [(p, Settings(temperature=0.8, top_k=20, top_p=0.95, max_tokens=48, seed=i))
+              for i, p in enumerate(bank)]
+    network = OfflineNetwork.of({"deviant": host}, MODEL, registry)
+    records = network.records("deviant", probes)
+    lines, hosts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={MODEL: ref}),
+                             rerun=False)
+    assert hosts["deviant"]["verdict"] == "dishonest", hosts["deviant"]
+    _, transition = assess("new", pooled_host_outcomes(lines))
+    assert transition is not None and transition.state_to == "flagged"
