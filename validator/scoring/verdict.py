@@ -42,7 +42,7 @@ class Tolerances:
     support_rate: float = 1e-3  # honest support violations per sampled token
     eos_rate: float = 1e-2  # honest early-stop violations per answer
     # Host-level (pooled) evidence, validator.reputation's compliance e-processes:
-    statistic_bias: float = 0.02  # nats per token of the log-prob statistic's mean tolerated
+    statistic_bias: float = 0.05  # nats per token of the log-prob statistic's mean tolerated
     edge_gap: float = 0.0  # nats below the support edge from which a sampled token counts as beyond it
     edge_rate: float = 1.5e-2  # honest sampled tokens beyond the edge (per token, upper bound)
     argmax_rate: float = 5e-2  # honest greedy tokens off the reference's argmax (per token)
