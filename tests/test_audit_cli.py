@@ -63,7 +63,7 @@ def test_cli_scores_good_lines_and_reports_bad_ones(tmp_path, honest_records, ch
     hosts = json.loads(hosts_out.read_text())
     assert set(hosts) == {"honest-llama.cpp", "cheat-other-model"}
     for h in hosts.values():
-        assert set(h) == {"verdict", "records", "failed", "p_value"} and h["records"] == 3
+        assert set(h) == {"verdict", "records", "failed", "p_value", "evidence", "pooled"} and h["records"] == 3
     assert hosts["cheat-other-model"]["failed"] >= 1
 
 

@@ -49,6 +49,29 @@ def test_no_honest_host_dishonest(honest_audit, honest_records):
         assert summary["failed"] == 0
 
 
+def test_honest_engines_pooled_evidence_never_flags(honest_audit, honest_records):
+    """Each honest engine's recorded answers read as one host's history by the daemon's
+    reputation (the answers' e-values and the pooled log-prob and support-edge
+    processes): never flagged, every sampled answer with its pooled record, the pooled
+    z-score inside the honest range, and neither pooled process near 1/alpha."""
+    import math
+
+    from validator.reputation import assess
+
+    from .test_compliance import pooled_host_outcomes
+
+    lines, hosts = honest_audit
+    for host in honest_records:
+        mine = [line for line in lines if line["host"] == host]
+        sampled = [line for line in mine if line["metrics"]["mode"] == "sampled"]
+        assert sampled and all(line["metrics"]["pooled"]["mode"] == "sampled" for line in sampled)
+        standing, transition = assess("new", pooled_host_outcomes(mine))
+        assert transition is None or transition.state_to != "flagged", (host, transition)
+        assert abs(hosts[host]["pooled"]["statistic_z"]) < 3, (host, hosts[host]["pooled"])
+        for process in ("logprob", "edge"):
+            assert standing.evidence["processes"][process]["log_e_max"] < math.log(1e2), (host, standing.evidence)
+
+
 def test_honest_hosts_cover_greedy_sampled_and_stripped(honest_records):
     for host, records in honest_records.items():
         temps = {r["configs"]["temperature"] for r in records}

@@ -73,8 +73,15 @@ def test_assess_runs_the_same_evidence_as_the_simulation():
     p = np.random.default_rng(13).random(3000)
     standing, transition = assess("trusted", scored(p))
     log_r = log_evidence(log_e_values(p, DEFAULT))
-    assert standing.evidence["log_e"] == pytest.approx(log_r[-1])
-    assert standing.evidence["log_e_max"] == pytest.approx(log_r.max())
+    answers = standing.evidence["processes"]["answers"]
+    assert answers["log_e"] == pytest.approx(log_r[-1])
+    assert answers["log_e_max"] == pytest.approx(log_r.max())
+    # The host's evidence mixes the answers' process with the pooled ones (which these
+    # outcomes, without pooled records, leave at their change-point weights).
+    w = DEFAULT.pooled_weight
+    pooled = standing.evidence["processes"]["logprob"]["log_e"]
+    assert standing.evidence["log_e"] == pytest.approx(
+        np.logaddexp(math.log(1 - w) + log_r[-1], math.log(w) + pooled))
     assert standing.evidence["probes_scored"] == 3000
     assert transition is None and standing.state == "trusted"
 

@@ -474,7 +474,8 @@ def test_host_outcomes_are_the_reputation_columns_of_host_scores(store):
     ids = answered(store, "h", 4)
     failed = answered(store, "h", 2, round_=2, ok=False)
     answered(store, "other", 2)
-    store.record_score(ids[0], "pass", 0.7, ["ok"], {"tokens": 5}, "v1")
+    pooled = {"mode": "greedy", "tokens": 5, "off_argmax": 1, "gap_sum": 0.4, "rate": 0.05}
+    store.record_score(ids[0], "pass", 0.7, ["ok"], {"tokens": 5}, "v1", pooled=pooled)
     store.record_score(ids[1], "fail", 1e-9, ["made up"], {"tokens": 9}, "v1")
     # an unscorable answer carries no evidence, even with a p-value stored beside it
     store.record_score(ids[2], "error", 0.5, ["reference failed"], {}, "v1")
@@ -484,12 +485,14 @@ def test_host_outcomes_are_the_reputation_columns_of_host_scores(store):
     assert len(narrow) == len(full) == 6
     expected = [(r["probe"]["id"], r["dispatch"]["finished_at"], r["dispatch"]["error"],
                  r["dispatch"]["ttfb_s"], r["dispatch"]["total_s"], r["dispatch"]["bytes"],
-                 r["score"] and r["score"]["verdict"], r["score"] and r["score"]["p_value"])
+                 r["score"] and r["score"]["verdict"], r["score"] and r["score"]["p_value"],
+                 r["score"] and r["score"]["pooled"])
                 for r in full]
     assert narrow == expected
     assert [o[0] for o in narrow[:2]] == failed[::-1]  # newest first
     by_id = {o.probe_id: o for o in outcomes(store, "h")}
     assert (by_id[ids[0]].verdict, by_id[ids[0]].p_value) == ("pass", 0.7)
+    assert by_id[ids[0]].pooled == pooled and by_id[ids[1]].pooled is None
     assert (by_id[ids[1]].verdict, by_id[ids[1]].p_value) == ("fail", 1e-9)
     assert (by_id[ids[2]].verdict, by_id[ids[2]].p_value, by_id[ids[2]].answered) == ("error", None, True)
     assert (by_id[ids[3]].verdict, by_id[ids[3]].scored) == (None, False)

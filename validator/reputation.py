@@ -92,15 +92,128 @@ SCORED_VERDICTS = tuple(v for v in VERDICTS if v != UNSCORED)  # these carry a p
 VALIDATOR_ERRORS = frozenset({"auth_failed"})
 
 
+# ---------------------------------------------------------------- pooled compliance evidence
+# Per-answer p-values cannot see a small systematic deviation (sampling a little colder,
+# top-k/top-p not passed through): every answer's p-value is near 1, and combining
+# near-1 p-values never accumulates evidence. These e-processes pool the statistics
+# themselves over a host's answers (docs/methodology.md, "Pooled evidence"):
+#
+# - log-prob: per sampled answer the scorer stores S = sum_t X_t, X_t = log q_t(token) +
+#   H(q_t), and its exact log-MGF Psi(l) = sum_t log E_q[exp(l X_t)] on a grid of l of
+#   both signs, per sampler order. e(l) = exp(l S - Psi(l) - |l| b n) (n statistic tokens,
+#   b the calibrated per-token bias honest engines may show) has expectation at most 1
+#   under honest sampling from q (exactly 1 for b = 0), the smaller over the two orders
+#   included; a product over answers is a test supermartingale for each l;
+# - edge: per sampled answer, k of n tokens beyond the top-k/top-p support's edge; under
+#   honesty each token is beyond it with probability at most r0 (calibrated), so
+#   e(r) = (r / r0)^k ((1 - r) / (1 - r0))^(n - k) for r > r0 is one too.
+# Each process is a mixture over its grid (uniform weights) and, as the answers'
+# evidence, over the answer at which a deviation began (w_s = 1/(s(s+1))): its log is
+# `pooled_log_evidence`. Answers without a record (greedy, unscored, older scores)
+# contribute e = 1.
+
+POOLED = ("logprob", "edge")
+# The scorer's grid of l (validator.scoring.verdict.POOLED_LAMBDAS; a test keeps them equal).
+POOLED_LAMBDA_GRID = (-1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02,
+                      0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+EDGE_MULTIPLES = np.array([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])  # alternative rates r = m * r0
+
+
+def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
+    lam = np.asarray(record["lambdas"], dtype=float)
+    s = np.asarray(record["s"], dtype=float)[:, None]
+    psi = np.asarray(record["psi"], dtype=float)
+    if psi.shape != (len(s), len(lam)):
+        raise ValueError("psi does not match s and lambdas")
+    slack = np.abs(lam) * float(record.get("bias", 0.0)) * int(record["tokens"])
+    return (lam * s - psi).min(axis=0) - slack  # the order that fits best
+
+
+def _edge_log_e(record: Mapping[str, Any]) -> np.ndarray:
+    edge = record["edge"]
+    n, k, r0 = int(edge["tokens"]), int(edge["beyond"]), float(edge["rate"])
+    if not (0 <= k <= n and 0.0 < r0 < 1.0):
+        raise ValueError("edge counts out of range")
+    r = np.minimum(EDGE_MULTIPLES * r0, 0.9)
+    return k * np.log(r / r0) + (n - k) * (np.log1p(-r) - math.log1p(-r0))
+
+
+def pooled_log_e(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.ndarray:
+    """[grid, answers]: each answer's log e-value per grid point of process `kind`
+    (0 where an answer has no sampled record, or an unreadable one: skipping an answer
+    for what it is, not for its evidence, keeps the bound)."""
+    size = len(POOLED_LAMBDA_GRID) if kind == "logprob" else len(EDGE_MULTIPLES)
+    out = np.zeros((size, len(records)))
+    one = _logprob_log_e if kind == "logprob" else _edge_log_e
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or rec.get("mode") != "sampled":
+            continue
+        if kind == "logprob" and list(rec.get("lambdas", ())) != list(POOLED_LAMBDA_GRID):
+            continue
+        try:
+            values = one(rec)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if values.shape == (size,) and not np.isnan(values).any():
+            out[:, i] = values
+    return out
+
+
+def pooled_log_evidence(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.ndarray:
+    """log of process `kind` after each answer: the change-point mixture per grid point,
+    then the uniform mixture over the grid. Ville: P(ever >= 1/alpha) <= alpha."""
+    if not len(records):
+        return np.zeros(0)
+    per_grid = log_evidence(pooled_log_e(records, kind))
+    return np.logaddexp.reduce(per_grid, axis=0) - math.log(per_grid.shape[0])
+
+
+def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """What the pooled records say, for a person: the log-prob statistic's z over the
+    sampled answers (order fitting best: the larger variance-normalised |S| is not used,
+    the smaller is), tokens beyond the edge, greedy tokens off the reference's argmax."""
+    sampled = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "sampled"
+               and "var" in r and "s" in r]
+    greedy = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "greedy"]
+    out: dict[str, Any] = {"sampled_answers": len(sampled), "greedy_answers": len(greedy)}
+    if sampled:
+        s = np.array([r["s"] for r in sampled], dtype=float).sum(0)
+        var = np.array([r["var"] for r in sampled], dtype=float).sum(0)
+        z = np.where(var > 0, s / np.sqrt(np.maximum(var, 1e-12)), 0.0)
+        best = int(np.argmin(np.abs(z)))
+        tokens = sum(int(r.get("tokens", 0)) for r in sampled)
+        edge_n = sum(int(r["edge"]["tokens"]) for r in sampled if "edge" in r)
+        edge_k = sum(int(r["edge"]["beyond"]) for r in sampled if "edge" in r)
+        out.update({"statistic_tokens": tokens, "statistic_z": round(float(z[best]), 3),
+                    "statistic_per_token": round(float(s[best] / tokens), 5) if tokens else None,
+                    "edge_tokens": edge_n, "edge_beyond": edge_k,
+                    "edge_share": round(edge_k / edge_n, 5) if edge_n else None})
+    if greedy:
+        n = sum(int(r.get("tokens", 0)) for r in greedy)
+        k = sum(int(r.get("off_argmax", 0)) for r in greedy)
+        out.update({"greedy_tokens": n, "greedy_off_argmax": k,
+                    "greedy_off_argmax_share": round(k / n, 5) if n else None})
+    return out
+
+
+def evidence_weights(pooled_weight: float) -> dict[str, float]:
+    """Mixture weights of the host's evidence: the answers' e-values keep 1 - pooled_weight,
+    each pooled process half of pooled_weight (weights summing to 1 keep Ville's bound)."""
+    return {"answers": 1.0 - pooled_weight, **{k: pooled_weight / len(POOLED) for k in POOLED}}
+
+
 # ---------------------------------------------------------------- one audit's host verdict
 # Evidence from many answers of one host, combined into one verdict.
 #
 # Fisher's method: under honesty every answer's p-value is uniform or larger (ours are
 # conservative), so -2 * sum(ln p) is at most chi-squared with 2n degrees of freedom and
-# its tail is a valid p-value for the whole set. A host is `dishonest` when that p-value
-# is below alpha (default 1e-4: the chance of flagging an honest host in one audit),
-# `honest` when it is comfortably large and there are enough answers, else
-# `inconclusive`.
+# its tail is a valid p-value for the whole set. The pooled processes above give
+# p = 1 / max_n R_n each (Ville). The host's p-value is the weighted Bonferroni
+# combination min(p_fisher / w_answers, p_logprob / w_logprob, p_edge / w_edge), with the
+# reputation's weights: the same pooled evidence as the daemon's. A host is `dishonest`
+# when that p-value is below alpha (default 1e-4: the chance of flagging an honest host
+# in one audit), `honest` when it is comfortably large and there are enough answers,
+# else `inconclusive`.
 
 
 @dataclass(frozen=True)
@@ -108,6 +221,7 @@ class HostRule:
     alpha: float = 1e-4
     honest_from: float = 1e-2  # combined p-value at or above which a host is called honest
     min_records: int = 3  # fewer answers than this are never enough to call a host honest
+    pooled_weight: float = 0.1  # share of alpha given to the pooled evidence (as ReputationConfig)
 
 
 def fisher(p_values: Iterable[float]) -> float:
@@ -120,16 +234,29 @@ def fisher(p_values: Iterable[float]) -> float:
     return float(stats.chi2.sf(statistic, 2 * len(ps)))
 
 
-def host_verdict(p_values: list[float], verdicts: list[str], rule: HostRule = HostRule()) -> dict:
-    p = fisher(p_values)
+def host_verdict(p_values: list[float], verdicts: list[str], rule: HostRule = HostRule(),
+                 pooled: Sequence[Mapping[str, Any] | None] | None = None) -> dict:
+    """`pooled`: each answer's pooled record (a score's metrics["pooled"]), in the order
+    the answers came; None: the answers' p-values alone."""
+    weights = evidence_weights(rule.pooled_weight if pooled is not None else 0.0)
+    p_fisher = fisher(p_values)
+    parts = {"answers": p_fisher}
+    for kind in POOLED if pooled is not None else ():
+        log_r = pooled_log_evidence(list(pooled), kind)
+        parts[kind] = float(min(1.0, math.exp(-max(0.0, float(log_r.max(initial=0.0))))))
+    p = min(1.0, min(v / weights[k] if weights[k] > 0 else math.inf for k, v in parts.items()))
     if p < rule.alpha:
         verdict = "dishonest"
     elif p >= rule.honest_from and len(p_values) >= rule.min_records:
         verdict = "honest"
     else:
         verdict = "inconclusive"
-    return {"verdict": verdict, "records": len(p_values),
-            "failed": sum(v == "fail" for v in verdicts), "p_value": p}
+    out = {"verdict": verdict, "records": len(p_values),
+           "failed": sum(v == "fail" for v in verdicts), "p_value": p}
+    if pooled is not None:
+        out["evidence"] = {k: {"p_value": v, "weight": weights[k]} for k, v in parts.items()}
+        out["pooled"] = pooled_summary(list(pooled))
+    return out
 
 
 class InvalidTransition(ValueError):
@@ -153,6 +280,7 @@ class Outcome:
     ttfb_s: float | None = None
     total_s: float | None = None
     bytes: int = 0
+    pooled: Mapping[str, Any] | None = None  # the score's pooled record (metrics["pooled"])
 
     def __post_init__(self) -> None:
         if self.verdict not in (*VERDICTS, None):
@@ -183,6 +311,7 @@ class ReputationConfig:
     alpha: float = HostRule().alpha  # chance an honest host is ever flagged
     kappa: float = 0.5  # calibrator e = kappa * p^(kappa - 1)
     max_e_per_probe: float = 1000.0  # cap on one probe's e-value
+    pooled_weight: float = HostRule().pooled_weight  # share of the evidence mixture for the pooled processes
     trust_after: int = 10  # consecutive passing probes: new -> trusted
     probation_clean: int = 20  # consecutive passing probes since release: probation -> trusted
     # score
@@ -206,6 +335,7 @@ class ReputationConfig:
 
         need(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha}")
         need(0.0 < self.kappa < 1.0, f"kappa must be in (0, 1), got {self.kappa}")
+        need(0.0 <= self.pooled_weight < 1.0, f"pooled_weight must be in [0, 1), got {self.pooled_weight}")
         need(self.max_e_per_probe > 1.0, f"max_e_per_probe must be > 1, got {self.max_e_per_probe}")
         for name in ("trust_after", "probation_clean", "window"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -315,7 +445,9 @@ def _fmt_e(log_e: float) -> str:
 class _Honesty:
     scored: list[Outcome]  # scored probes in the evidence window, oldest first
     log_e: np.ndarray  # per probe
-    log_r: np.ndarray  # log R_n per probe
+    log_r: np.ndarray  # log R_n per probe: the weighted mixture of the processes below
+    parts: dict[str, np.ndarray]  # log of each process (answers, logprob, edge) per probe
+    weights: dict[str, float]
     threshold: float  # log(1/alpha)
     crossing: int | None  # index of the first probe with log R_n >= threshold
 
@@ -334,6 +466,11 @@ class _Honesty:
             "log_threshold": self.threshold,
             "crossed_at_probe": self.scored[self.crossing].probe_id if self.crossing is not None else None,
             "clean_streak": run,
+            "processes": {k: {"weight": self.weights[k],
+                              "log_e": float(v[-1]) if len(self.scored) else 0.0,
+                              "log_e_max": float(v.max()) if len(self.scored) else 0.0}
+                          for k, v in self.parts.items()},
+            "pooled": pooled_summary([o.pooled for o in self.scored]),
         }
 
     def flag_evidence(self, alpha: float) -> tuple[str, dict[str, Any]]:
@@ -343,23 +480,45 @@ class _Honesty:
         worst = sorted(window, key=lambda o: o.p_value)[:20]
         fails = sum(o.verdict == "fail" for o in window)
         log_r = float(self.log_r[self.crossing])
+        at = {k: float(v[self.crossing]) + math.log(self.weights[k]) if self.weights[k] > 0 else -math.inf
+              for k, v in self.parts.items()}
+        lead = max(at, key=at.get)
+        pooled = pooled_summary([o.pooled for o in self.scored[: self.crossing + 1]])
+        what = {
+            "answers": f"{fails} failed, smallest p-value {worst[0].p_value:.1e} on {worst[0].probe_id}",
+            "logprob": f"mostly the pooled log-prob statistic: z={pooled.get('statistic_z', 0):+.1f} over "
+                       f"{pooled.get('statistic_tokens', 0)} sampled tokens, "
+                       + ("tokens more likely than the requested settings give (colder sampling, or "
+                          "top-k/top-p not applied as asked)" if pooled.get("statistic_z", 0) > 0 else
+                          "tokens less likely than the requested settings give (hotter sampling, or "
+                          "another model)"),
+            "edge": f"mostly tokens beyond the top-k/top-p support's edge: {pooled.get('edge_beyond', 0)} of "
+                    f"{pooled.get('edge_tokens', 0)} sampled tokens (top-k/top-p wider than asked, or ignored)",
+        }[lead]
         reason = (f"{len(window)} probe(s) from {window[0].probe_id} to {window[-1].probe_id} "
-                  f"({fails} failed, smallest p-value {worst[0].p_value:.1e} on {worst[0].probe_id}) "
-                  f"give evidence {_fmt_e(log_r)} against the host, at or above 1/alpha = "
+                  f"({what}) give evidence {_fmt_e(log_r)} against the host, at or above 1/alpha = "
                   f"{1 / alpha:.0e}: an honest host gets this far with probability at most {alpha:.0e}")
         return reason, {"alpha": alpha, "log_e": log_r, "log_threshold": self.threshold,
                         "probes": len(window), "failed": fails, "first_probe": window[0].probe_id,
-                        "last_probe": window[-1].probe_id,
+                        "last_probe": window[-1].probe_id, "leading_process": lead,
+                        "processes": {k: float(v[self.crossing]) for k, v in self.parts.items()},
+                        "pooled": pooled,
                         "smallest_p_values": {o.probe_id: o.p_value for o in worst}}
 
 
 def _honesty(outcomes: Sequence[Outcome], since: datetime | None, config: ReputationConfig) -> _Honesty:
     scored = [o for o in outcomes if o.scored and (since is None or o.at >= since)]
     log_e = log_e_values(np.array([o.p_value for o in scored], dtype=float), config)
-    log_r = log_evidence(log_e)
+    weights = evidence_weights(config.pooled_weight)
+    parts = {"answers": log_evidence(log_e)}
+    for kind in POOLED:
+        parts[kind] = pooled_log_evidence([o.pooled for o in scored], kind)
+    # log R_n = log sum_k w_k R_n^k: a mixture of test supermartingales is one.
+    terms = [v + math.log(weights[k]) for k, v in parts.items() if weights[k] > 0]
+    log_r = np.logaddexp.reduce(np.stack(terms), axis=0) if len(scored) else np.zeros(0)
     threshold = math.log(1.0 / config.alpha)
     hits = np.flatnonzero(log_r >= threshold)
-    return _Honesty(scored, log_e, log_r, threshold, int(hits[0]) if len(hits) else None)
+    return _Honesty(scored, log_e, log_r, parts, weights, threshold, int(hits[0]) if len(hits) else None)
 
 
 # --------------------------------------------------------------------------- components

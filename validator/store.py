@@ -207,6 +207,7 @@ class Score(Base):
     scored_at: Mapped[datetime] = mapped_column(default=_now, index=True)  # status: the last score
     validator: Mapped[str] = mapped_column(String(128))
     provenance_id: Mapped[int | None] = mapped_column(ForeignKey("provenances.id"))  # None: an error
+    pooled: Mapped[dict | None]  # what the answer adds to the host's pooled evidence (reputation)
 
 
 class HostRound(Base):
@@ -704,14 +705,14 @@ class Store:
 
     def record_score(self, probe_id: str, verdict: str, p_value: float | None,
                      reasons: list[str], metrics: dict, validator: str,
-                     provenance: dict | None = None) -> bool:
+                     provenance: dict | None = None, pooled: dict | None = None) -> bool:
         """Store a probe's score with what produced it; False, changing nothing, if it
         already has one."""
         if verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {verdict!r}; one of {', '.join(VERDICTS)}")
         values = {"probe_id": probe_id, "verdict": verdict, "p_value": p_value,
                   "reasons": list(reasons), "metrics": metrics, "scored_at": _now(),
-                  "validator": validator}
+                  "validator": validator, "pooled": pooled}
         digest = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest() if provenance else None
         with self.session() as s:
             if digest is not None:
@@ -770,14 +771,14 @@ class Store:
 
     def host_outcomes(self, host: str) -> list[tuple]:
         """What reputation reads of each of a host's answers, newest first, as
-        (probe_id, finished_at, error, ttfb_s, total_s, bytes, verdict, p_value) with
-        verdict and p_value None where unscored. Only these columns: the answers' texts,
+        (probe_id, finished_at, error, ttfb_s, total_s, bytes, verdict, p_value, pooled)
+        with verdict, p_value and pooled None where unscored. Only these columns: the answers' texts,
         messages and metrics are most of a row, and the daemon reads a host's whole
         history after every scoring batch (a months-old host has tens of thousands)."""
         with self.session(readonly=True) as s:
             stmt = self._answers(self._host(s, host).id, Probe.id, Dispatch.finished_at,
                                  Dispatch.error, Dispatch.ttfb_s, Dispatch.total_s,
-                                 Dispatch.bytes, Score.verdict, Score.p_value)
+                                 Dispatch.bytes, Score.verdict, Score.p_value, Score.pooled)
             return [tuple(r) for r in s.execute(stmt)]
 
     def queue_depth(self) -> int:

@@ -41,6 +41,11 @@ class Tolerances:
     token_rate: float = 1e-3  # honest greedy-gap violations per token (upper bound)
     support_rate: float = 1e-3  # honest support violations per sampled token
     eos_rate: float = 1e-2  # honest early-stop violations per answer
+    # Host-level (pooled) evidence, validator.reputation's compliance e-processes:
+    statistic_bias: float = 0.05  # nats per token of the log-prob statistic's mean tolerated
+    edge_gap: float = 0.0  # nats below the support edge from which a sampled token counts as beyond it
+    edge_rate: float = 1.5e-2  # honest sampled tokens beyond the edge (per token, upper bound)
+    argmax_rate: float = 5e-2  # honest greedy tokens off the reference's argmax (per token)
     source: str = "built-in defaults (uncalibrated)"
 
     @classmethod
@@ -159,6 +164,10 @@ def score_answer(al: Alignment, settings: Settings, table: TokenTable, tol: Tole
                                f"{gaps[i]:.1f} nats)"))
         else:
             components.append(("gap", p, ""))
+        metrics["pooled"] = {"mode": "greedy", "tokens": n,
+                             "off_argmax": int((np.array(al.tokens) != f.argmax[:n]).sum()) if n else 0,
+                             "gap_sum": round(float(gaps.sum()), 6) if n else 0.0,
+                             "rate": tol.argmax_rate}
     else:
         components += _sampled(al, settings, tol, table, metrics, stop, rule)
 
@@ -199,6 +208,7 @@ def _sampled(al: Alignment, settings: Settings, tol: Tolerances, table: TokenTab
         order_z.append(s / math.sqrt(var) if var > 1e-12 else 0.0)
         order_p.append(_chernoff_two_sided(s, {"entropy": ent, "mgf_low": f.mgf_low[idx, o],
                                                "mgf_high": f.mgf_high[idx, o]}))
+    metrics["pooled"] = pooled_sampled(al, settings, tol, idx, tok_logp, support_gap)
     best = int(np.argmax(order_p))
     p_stat, z = order_p[best], order_z[best]
     p_support = _binomial_p(len(outside), n, tol.support_rate)
@@ -229,6 +239,36 @@ def _sampled(al: Alignment, settings: Settings, tol: Tolerances, table: TokenTab
               f"(log-prob statistic z=+{z:.1f}): the sampling settings look ignored (greedy or colder)"
     out.append(("statistic", p_stat, why))
     return out
+
+
+# The lambda grid of the pooled log-prob evidence (both signs): the Chernoff grid's.
+POOLED_LAMBDAS = np.concatenate([-LAMBDAS_LOW[::-1], LAMBDAS_HIGH])
+
+
+def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.ndarray,
+                   tok_logp: np.ndarray, support_gap: np.ndarray) -> dict[str, Any]:
+    """What a sampled answer adds to its host's pooled evidence (validator.reputation):
+    per sampler order the statistic S and its exact log-MGF Psi(lambda) = sum over the
+    statistic's steps of log E_q[exp(lambda X_t)] on POOLED_LAMBDAS, and how many tokens
+    fall beyond the support's edge by more than `edge_gap`."""
+    f = al.feats
+    low, high = LAMBDAS_LOW[::-1], LAMBDAS_HIGH
+    s_, psi, var = [], [], []
+    for o in range(2):
+        clipped = np.maximum(tok_logp, f.boundary[idx, o])
+        logq = clipped / settings.temperature - f.log_z[idx, o]
+        ent = f.entropy[idx, o].sum()
+        s_.append(round(float((logq + f.entropy[idx, o]).sum()), 6))
+        # X = log q + H: log E[e^{-l X}] = log E[q^-l] - l H, log E[e^{l X}] = log E[q^l] + l H
+        neg = f.mgf_low[idx, o][:, ::-1].sum(0) - low * ent
+        pos = f.mgf_high[idx, o].sum(0) + high * ent
+        psi.append([round(float(v), 6) for v in np.concatenate([neg, pos])])
+        var.append(round(float(f.variance[idx, o].sum()), 6))
+    return {"mode": "sampled", "tokens": int(len(idx)), "s": s_, "psi": psi, "var": var,
+            "bias": tol.statistic_bias,
+            "lambdas": [float(v) for v in POOLED_LAMBDAS],
+            "edge": {"tokens": int(len(support_gap)), "beyond": int((support_gap > tol.edge_gap).sum()),
+                     "rate": tol.edge_rate}}
 
 
 def _summary(metrics: dict, settings: Settings, tol: Tolerances) -> str:

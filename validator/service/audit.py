@@ -5,8 +5,9 @@ Output line: {"id", "host", "model", "verdict", "p_value", "reasons", "metrics",
 "provenance"}, in input order, yielded window by window as it is scored (a crash or
 Ctrl-C keeps every line written before it); a line that cannot be scored becomes
 {"line", "id", "host", "verdict": "error", "reasons": [why], ...}.
-Hosts: {host: {"verdict", "records", "failed", "p_value"}} (validator.reputation's
-host rule over the scored lines).
+Hosts: {host: {"verdict", "records", "failed", "p_value", "evidence", "pooled"}}
+(validator.reputation's host rule over the scored lines: the answers' p-values and the
+pooled evidence the daemon's reputation reads, in input order).
 """
 
 from __future__ import annotations
@@ -89,14 +90,17 @@ class HostTally:
         self.rule = rule
         self.p_values: dict[str, list[float]] = defaultdict(list)
         self.verdicts: dict[str, list[str]] = defaultdict(list)
+        self.pooled: dict[str, list[dict | None]] = defaultdict(list)
 
     def add(self, out: dict) -> None:
         if out["verdict"] != "error" and out.get("host"):
             self.p_values[out["host"]].append(out["p_value"])
             self.verdicts[out["host"]].append(out["verdict"])
+            self.pooled[out["host"]].append((out.get("metrics") or {}).get("pooled"))
 
     def hosts(self) -> dict[str, dict[str, Any]]:
-        return {h: host_verdict(self.p_values[h], self.verdicts[h], self.rule) for h in sorted(self.p_values)}
+        return {h: host_verdict(self.p_values[h], self.verdicts[h], self.rule, pooled=self.pooled[h])
+                for h in sorted(self.p_values)}
 
 
 def run_audit(lines: Iterable[str], scorer: Scorer, *, host_rule: HostRule = HostRule(), rerun: bool = True,

@@ -47,8 +47,9 @@ def outcomes(store: Store, host: str) -> list[Outcome]:
     """A host's probe outcomes, as reputation reads them, from the stored answers."""
     return [Outcome(probe_id=probe_id, at=at, verdict=verdict,
                     p_value=p_value if verdict != "error" else None, error=error_class,
-                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0)
-            for probe_id, at, error_class, ttfb_s, total_s, nbytes, verdict, p_value
+                    ttfb_s=ttfb_s, total_s=total_s, bytes=nbytes or 0,
+                    pooled=pooled if verdict != "error" else None)
+            for probe_id, at, error_class, ttfb_s, total_s, nbytes, verdict, p_value, pooled
             in store.host_outcomes(host)]
 
 
@@ -131,7 +132,7 @@ class Service:
             for row, rec in zip(rows, records):
                 s = scored[id(rec)] if isinstance(rec, AnswerRecord) else rec
                 self.store.record_score(row["probe_id"], s.verdict, s.p_value, s.reasons, s.metrics, owner,
-                                        provenance=s.provenance)
+                                        provenance=s.provenance, pooled=s.metrics.get("pooled"))
         batch = ScoringBatch(scored=len(rows), hosts=sorted({r["host"] for r in rows}))
         for host in batch.hosts:
             transition = self.refresh_reputation(host)
