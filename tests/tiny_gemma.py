@@ -6,9 +6,9 @@ at a size the default test run affords. (gemma-7b's weights are never downloaded
 
 Random weights answer random tokens; two changes keep them answerable the way a trained
 model's are: the tied embeddings are scaled so that one token usually dominates a step
-(as in a trained model, not a near-uniform draw over 262k tokens), and the tokens a
-trained chat model almost never writes in an answer (control and unused tokens, raw
-bytes) get zero embeddings, so a logit of 0 against the peaks of the others.
+(as in a trained model, not a near-uniform draw over 262k tokens), and every token but
+whole ASCII words after a space (WORD) gets a zero embedding, so a logit of 0 against
+the peaks of the words: its answers re-tokenize into the tokens it wrote.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from validator.models.registry import Registry
 NAME = "tiny-gemma"
 LAYERS = 2
 EMBED_SCALE = 25.0  # logits of about N(0, 4^2): the best token is usually well ahead
+# The tokens it writes: whole words after a space, which the tokenizer splits back into
+# the same tokens (random sequences of other pieces re-tokenize differently, and a
+# trained model's answers mostly do not).
+WORD = r"\u2581[A-Za-z]{2,}"
 
 
 def gemma_tokenizer():
@@ -47,12 +51,12 @@ def build(directory: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = GemmaForCausalLM(config).eval()
-    quiet = [i for i, tok in tokenizer.added_tokens_decoder.items()]
-    quiet += [i for tok, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", tok)]
+    words = {i for tok, i in tokenizer.get_vocab().items() if re.fullmatch(WORD, tok)}
+    quiet = torch.tensor(sorted(set(range(len(tokenizer))) - words))
     with torch.no_grad():
         weight = model.get_input_embeddings().weight
         weight.mul_(EMBED_SCALE)
-        weight[torch.tensor(sorted(set(quiet)))] = 0.0
+        weight[quiet] = 0.0
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -141,7 +141,7 @@ def calibrate(
         result = run(spec, prompts, names, limit=limit, answers=answers,
                      log=lambda m: err.print(m, highlight=False))
     except (CheckpointUnavailable, ValueError) as exc:
-        err.print(f"[red]cannot calibrate {model}:[/] {exc}", highlight=False)
+        err.print(f"[red]cannot calibrate {model}:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")

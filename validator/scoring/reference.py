@@ -183,6 +183,7 @@ class ReferenceModel:
         log.info("loaded %s on %s (%s)", spec.name, device, spec.dtype)
         return cls(spec, model, tokenizer, device)
 
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of hidden states [rows, hidden] (softcapped where the model caps
         them). A bfloat16 head's own output rounds logits of 20-30 to 0.125-0.25, so a
