@@ -340,3 +340,50 @@ def test_tiny_gemma_calibrates_and_audits(tiny, tiny_ref):
     assert all(line["metrics"]["tolerances"].startswith(f"{tiny_gemma.NAME}.json") for line in lines)
     assert summary["honest"]["failed"] == 0 and summary["honest"]["verdict"] != "dishonest"
     assert summary["cheat"]["verdict"] == "dishonest"
+
+
+def test_tiny_gemma_refereed_by_the_daemon(tiny, tiny_ref, tmp_path):
+    """Simulated hosts on loopback claiming the tiny Gemma, refereed by the real daemon
+    (probes rendered with gemma-7b's template before they are sent, answers scored with
+    the `dir:` reference, re-runs included): the honest host's answers all pass, the
+    other model's fail."""
+    from validator.daemon import Daemon
+    from validator.network.simulator import NetworkConfig, SimulatedNetwork
+    from validator.service.config import ValidatorConfig
+    from validator.store import Store
+
+    registry, _ = tiny
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump({"mixes": {"tiny": [
+        {"weight": 1, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "max_tokens": s.max_tokens}
+        for _, s in TINY_MIX]}}))
+    net = SimulatedNetwork(NetworkConfig(model=tiny_gemma.NAME, models=str(registry.path), hosts=[
+        {"name": "honest", "strategy": "honest-transformers"}, {"name": "cheat", "strategy": "other-model"}]))
+    net.load()
+    net.start()
+    try:
+        cfg = ValidatorConfig.model_validate({
+            "database": f"sqlite:///{tmp_path / 'v.db'}", "secret": "tiny", "models": str(registry.path),
+            "settings_file": str(tmp_path / "settings.yaml"), "settings_mix": "tiny",
+            "rounds": {"interval_s": 1e9, "spread_s": 0, "jitter_s": 0, "probes_per_host": 3},
+            "scoring": {"interval_s": 1, "batch": 16},
+            # generous: the hosts' engines share this machine's CPU with the scorer
+            "client": {"connect_s": 10, "first_byte_s": 300, "total_s": 400, "retries": 0},
+            "hosts": [{"name": n, "url": net.urls[n], "model": tiny_gemma.NAME} for n in ("honest", "cheat")]})
+        daemon = Daemon(cfg, models={tiny_gemma.NAME: tiny_ref})
+        progress = asyncio.run(daemon.run(max_rounds=1, first_round=1))
+    finally:
+        net.stop()
+    assert progress.sent == 6 and progress.answered == 6 and progress.scored == 6
+    store = Store(cfg.database_url)
+    from validator.service.reads import host_rows
+
+    rows = {r["host"]: r for r in host_rows(store)}
+    assert rows["honest"]["errors"] == 0 and rows["honest"]["scored"] == 3
+    assert rows["cheat"]["scored"] == 3
+    from sqlalchemy import text
+
+    with store.engine.connect() as c:
+        verdicts = c.execute(text("select hosts.name, scores.verdict from scores join probes on probes.id = scores.probe_id "
+                                  "join hosts on hosts.id = probes.host_id")).fetchall()
+    assert sorted(v for h, v in verdicts if h == "honest") == ["pass"] * 3
+    assert sorted(v for h, v in verdicts if h == "cheat") == ["fail"] * 3
