@@ -198,7 +198,8 @@ def test_low_precision_head_gives_float32_log_probs(tiny_ref):
     head.to(torch.bfloat16)
     try:
         ours = tiny_ref.logits(hidden.to(torch.bfloat16))
-        theirs = head(hidden.to(torch.bfloat16)).float()
+        with torch.no_grad():
+            theirs = head(hidden.to(torch.bfloat16)).float()
         exact_bf16_inputs = hidden.to(torch.bfloat16).double() @ head.weight.double().T
     finally:
         head.to(torch.float32)
@@ -311,10 +312,9 @@ def tiny_probes(n: int = 3):
 
 def test_tiny_gemma_calibrates_and_audits(tiny, tiny_ref):
     """`validator calibrate` for a `dir:` checkpoint (transformers engines only: no GGUF),
-    then the audit with its tolerances: honest answers pass; another model's (Gemma-3 270M
-    on llama.cpp, the same tokenizer) is dishonest. (The tiny model's sampling is nearly
-    greedy, so cheats on settings are not told apart with it: tests/test_gemma_network.py
-    measures those with Gemma-3 270M as the reference.)"""
+    then the audit of an honest host with its tolerances: every answer passes. (The
+    other model's answers failing: test_tiny_gemma_refereed_by_the_daemon. The tiny
+    model's sampling is nearly greedy, so cheats on settings are not told apart with it.)"""
     from validator.network.catalogue import CATALOGUE, OfflineNetwork
     from validator.service.audit import run_audit
     from validator.service.calibration import calibrate, default_engines
@@ -332,14 +332,14 @@ def test_tiny_gemma_calibrates_and_audits(tiny, tiny_ref):
     spec.calibration.parent.mkdir(parents=True, exist_ok=True)
     spec.calibration.write_text(json.dumps(result))
 
-    hosts = {"honest": CATALOGUE["honest-transformers-fp32"], "cheat": CATALOGUE["cheat-other-model"]}
+    hosts = {"honest": CATALOGUE["honest-transformers-fp32"]}
     network = OfflineNetwork.of(hosts, tiny_gemma.NAME, registry)
     records = [r for host in hosts for r in network.records(host, tiny_probes())]
     lines, summary = run_audit((json.dumps(r) for r in records), Scorer(registry, models={tiny_gemma.NAME: tiny_ref}))
     assert result["tolerances"]["greedy_gap"] == 0.5  # honest float32 answers: no gap, the floor
     assert all(line["metrics"]["tolerances"].startswith(f"{tiny_gemma.NAME}.json") for line in lines)
     assert summary["honest"]["failed"] == 0 and summary["honest"]["verdict"] != "dishonest"
-    assert summary["cheat"]["verdict"] == "dishonest"
+    assert [line["verdict"] for line in lines] == ["pass"] * len(records)
 
 
 def test_tiny_gemma_refereed_by_the_daemon(tiny, tiny_ref, tmp_path):
