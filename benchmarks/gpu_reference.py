@@ -1,6 +1,6 @@
 """The production reference path on a GPU, in one run (about 8 minutes on one H200):
 
-1. Gemma-3 270M (the shipped `gemma-3-270m` entry, as a `dir:` checkpoint) in bfloat16
+1. Gemma-3 270M (the shipped `gemma-3-270m` entry) in bfloat16
    on CUDA is the reference; it is calibrated with honest answers generated on the CPU
    (transformers float32, llama.cpp), then general-bank answers of the catalogue's
    honest CPU hosts and cheats are audited against it: cross-hardware honest answers
@@ -40,13 +40,14 @@ from validator.scoring.reference import ReferenceModel  # noqa: E402
 
 
 def reference_registry(device: str, dtype: str, tmp: Path) -> Registry:
-    """gemma-3-270m's converted directory as a `dir:` checkpoint on `device`."""
+    """The shipped gemma-3-270m entry (its GGUF, converted once to the transformers
+    directory the reference loads; llama.cpp hosts run the GGUF itself) in `dtype` on
+    `device`."""
     shipped = Registry.load()
     raw = yaml.safe_load(shipped.path.read_text())
     entry = raw["models"]["gemma-3-270m"]
-    source = shipped.get("gemma-3-270m").load_source()
-    raw["models"]["gemma-3-270m"] = {**entry, "checkpoint": {"dir": str(source)}, "dtype": dtype,
-                                     "device": device, "calibration": str(tmp / "gemma-3-270m.json")}
+    raw["models"]["gemma-3-270m"] = {**entry, "dtype": dtype, "device": device,
+                                     "calibration": str(tmp / "gemma-3-270m.json")}
     path = tmp / "models.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return Registry.load(path)
