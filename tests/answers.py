@@ -45,8 +45,8 @@ import validator.scoring.reference
 ANSWERS_FILE = Path(__file__).parent / "data" / "answers.jsonl"
 GENERATIONS_FILE = Path(__file__).parent / "data" / "generations.jsonl"
 # Whatever decides a host's answer besides the probe: the strategies and the catalogue,
-# the engines' code, the GGUF conversion (registry.py), the settings' meaning, the model
-# list, and these packages.
+# the engines' code, the GGUF conversion (registry.py), the settings' meaning, the
+# registry entries the engines load (_used_entries), and these packages.
 SOURCES = (validator.network.simulator.__file__, validator.network.catalogue.__file__,
            validator.network.engines.__file__, validator.models.registry.__file__,
            validator.models.sampling.__file__)
@@ -74,6 +74,20 @@ def _package_versions() -> dict[str, str | None]:
     return versions
 
 
+def _used_entries(hosts) -> dict[str, dict]:
+    """The registry entries the hosts' engines load (the claimed model and the cheats'
+    other model), as far as they decide an answer: not the calibration file or the
+    reference's memory budgets, nor the entries of models no host runs."""
+    other = inspect.signature(validator.network.engines.load_engine).parameters["other_model"].default
+    out = {}
+    for name in sorted({hosts.config.model, other} & set(hosts.registry.models)):
+        spec = hosts.registry.models[name]
+        out[name] = {"checkpoint": spec.checkpoint, "dtype": spec.dtype, "device": spec.device,
+                     "chat_template": spec.chat_template,
+                     "extra": {k: v for k, v in spec.extra.items() if k != "budgets"}}
+    return out
+
+
 def _digest(what) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -81,8 +95,8 @@ def _digest(what) -> str:
 def fingerprint(hosts, probes, plan: dict) -> str:
     """Everything that decides the recorded answers of `hosts` (an OfflineNetwork), hashed."""
     what = {
-        "sources": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest()
-                    for p in (*SOURCES, hosts.registry.path)},
+        "sources": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in SOURCES},
+        "registry": _used_entries(hosts),
         "packages": _package_versions(),
         "model_packages": _model_packages(hosts.registry.models.values()),
         "hosts": hosts.config.model_dump(mode="json"),

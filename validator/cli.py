@@ -112,31 +112,43 @@ def audit(
 def calibrate(
     model: str = typer.Option("smollm2-135m", help="Registry name of the model to calibrate."),
     prompts: Path = typer.Option(Path("configs/prompts/calibration.yaml"), help="Prompt bank to answer."),
-    out: Optional[Path] = typer.Option(None, help="Tolerances file (default: the registry's calibration path)."),
-    engines: str = typer.Option("transformers-float32,transformers-bfloat16,llama.cpp",
-                                help="Honest engines to run, comma separated."),
+    out: Optional[Path] = typer.Option(None, help="Tolerances file (default: the registry's calibration "
+                                                  "path, else calibration/MODEL.json beside the registry)."),
+    engines: Optional[str] = typer.Option(None, help="Honest engines to run, comma separated (default: "
+                                                     "transformers in float32 and bfloat16, and llama.cpp "
+                                                     "where the checkpoint is a GGUF)."),
     limit: int = typer.Option(0, help="Use only the first N prompts (0: all)."),
     fresh: bool = typer.Option(False, "--fresh", help="Answer the prompts again even if saved answers exist."),
     models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
 ):
     """Measure how far honest engines stray from the reference and write tolerances."""
-    from validator.service.calibration import calibrate as run
-    from validator.models.registry import Registry
+    from validator.models.checkpoints import CheckpointUnavailable
+    from validator.models.registry import Registry, RegistryError
+    from validator.service.calibration import calibrate as run, default_engines
 
-    registry = Registry.load(models)
-    spec = registry.get(model)
-    target = out or spec.calibration
-    if target is None:
-        raise typer.BadParameter(f"model {model} has no calibration path; pass --out")
+    try:
+        registry = Registry.load(models)
+        spec = registry.get(model)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    target = out or spec.calibration or registry.path.parent / "calibration" / f"{model}.json"
+    names = [e.strip() for e in engines.split(",") if e.strip()] if engines else default_engines(spec)
     # The honest answers are kept beside the tolerances, so anyone can re-derive them.
     answers = target.with_name(target.stem + ".answers.jsonl")
     if fresh and answers.exists():
         answers.unlink()
-    result = run(spec, prompts, [e.strip() for e in engines.split(",") if e.strip()], limit=limit,
-                 answers=answers, log=lambda m: err.print(m, highlight=False))
+    try:
+        result = run(spec, prompts, names, limit=limit, answers=answers,
+                     log=lambda m: err.print(m, highlight=False))
+    except (CheckpointUnavailable, ValueError) as exc:
+        err.print(f"[red]cannot calibrate {model}:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     err.print(f"wrote {target}")
+    if spec.calibration is None or spec.calibration.resolve() != target.resolve():
+        err.print(f"the scorer reads {spec.calibration or 'no file'} for {model}: set the entry's "
+                  f"calibration in {registry.path} to {target} to use these tolerances", highlight=False)
     Console().print_json(json.dumps(result["tolerances"]))
 
 
@@ -850,26 +862,37 @@ def init(directory: Path = typer.Argument(..., help="Directory to write into (cr
 @app.command("models")
 def list_models(models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
                 as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")):
-    """List the model registry."""
+    """List the model registry: each entry's checkpoint and its kind, dtype, device (and
+    the device it resolves to here), memory budgets given, and whether it is calibrated."""
+    from validator.models.checkpoints import CheckpointUnavailable, resolve_device
     from validator.models.registry import Registry, RegistryError
 
     try:
         registry = Registry.load(models)
     except RegistryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--models") from None
+    rows = []
+    for name, spec in registry.models.items():
+        try:
+            here = resolve_device(spec)
+        except CheckpointUnavailable as exc:
+            here = f"unavailable: {exc}"
+        rows.append({"model": name, "kind": next(k for k in ("hub", "dir", "package") if k in spec.checkpoint),
+                     "checkpoint": spec.checkpoint, "dtype": spec.dtype, "device": spec.device,
+                     "device_here": here, "budgets": spec.extra.get("budgets") or "derived from free memory",
+                     "calibration": str(spec.calibration) if spec.calibration else None,
+                     "calibrated": bool(spec.calibration and spec.calibration.exists())})
     if as_json:
-        print(json.dumps([{"model": name, "checkpoint": spec.checkpoint, "dtype": spec.dtype,
-                           "device": spec.device, "calibration": str(spec.calibration) if spec.calibration else None,
-                           "calibrated": bool(spec.calibration and spec.calibration.exists())}
-                          for name, spec in registry.models.items()], indent=2))
+        print(json.dumps(rows, indent=2))
         return
     table = Table()
-    for col in ("model", "checkpoint", "dtype", "device", "calibrated"):
+    for col in ("model", "kind", "checkpoint", "dtype", "device", "calibrated"):
         table.add_column(col)
-    for name, spec in registry.models.items():
-        ckpt = ", ".join(f"{k}={v}" for k, v in spec.checkpoint.items())
-        table.add_row(name, ckpt, spec.dtype, spec.device,
-                      "yes" if spec.calibration and spec.calibration.exists() else "no")
+    for row in rows:
+        ckpt = ", ".join(f"{k}={v}" for k, v in row["checkpoint"].items() if k != row["kind"]) or ""
+        device = row["device"] if row["device"] == row["device_here"] else f"{row['device']} ({row['device_here']})"
+        table.add_row(row["model"], row["kind"], str(row["checkpoint"][row["kind"]]) + (f" ({ckpt})" if ckpt else ""),
+                      row["dtype"], device, "yes" if row["calibrated"] else "no")
     Console().print(table)
 
 

@@ -80,6 +80,7 @@ class Daemon:
         self.store = store or Store(config.database_url)
         self.registry = registry or Registry.load(config.models)
         self.bank = load_bank(config.prompts)
+        self._banks: dict[str, list] = {}  # claimed model -> the prompts its reference can score
         self.mix = config.probe_mix()
         self.phase = schedule_phase(self.secret, config.rounds.interval_s)
         self.wire = config.client.wire()
@@ -208,7 +209,7 @@ class Daemon:
 
         try:
             host = await asyncio.to_thread(self.store.get_host, name)
-            probes = derive_probes(self.secret, round_no, name, self.bank, self.mix,
+            probes = derive_probes(self.secret, round_no, name, self.bank_for(host["model"]), self.mix,
                                    cfg.rounds.probes_per_host)
             await asyncio.to_thread(self.store.ensure_probes, round_no, name,
                                     [p.as_dict() for p in probes])
@@ -271,6 +272,20 @@ class Daemon:
         if self.stopping.is_set() or lost:
             return False
         return await asyncio.to_thread(self.store.finish_host_round, name, round_no, self.owner)
+
+    def bank_for(self, model: str) -> list:
+        """The bank's prompts the reference of `model` can score (its chat template takes
+        them): a probe no answer to which can be scored is never sent."""
+        if model not in self._banks:
+            reasons = self.service.scorer.refusals(model, [p.messages for p in self.bank])
+            self._banks[model] = [p for p, why in zip(self.bank, reasons) if why is None]
+            refused = [(p.id, why) for p, why in zip(self.bank, reasons) if why is not None]
+            if refused:
+                self.on_event(f"{len(refused)} of {len(self.bank)} prompts are not sent to hosts claiming "
+                              f"{model} (e.g. {refused[0][0]}: {refused[0][1]})")
+            if not self._banks[model]:
+                raise ValueError(f"no prompt of the bank can be scored for model {model!r}")
+        return self._banks[model]
 
     def _read_secrets(self) -> dict:
         path = self.config.credentials_file

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from validator.models.checkpoints import Budgets, derive_budgets, kv_bytes_per_token, load_model
 from validator.models.registry import ModelSpec
 from validator.models.sampling import Settings, kept_prefix_sizes, order_scales, sample_next
 from validator.scoring.tokens import TokenTable
@@ -105,6 +106,17 @@ class Past:
         return Past(self.kv[:, :, :, :n])
 
 
+def held_bytes(pasts: Sequence[Past | None]) -> int:
+    """Memory the pasts keep alive: each distinct tensor storage once (rows of one pass
+    share one)."""
+    storages = {}
+    for p in pasts:
+        if p is not None:
+            storage = p.kv.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "layers"):  # transformers >= 4.56
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -129,28 +141,35 @@ class ReferenceModel:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.reruns: dict[str, str] = {}  # probe key -> the reference's own answer
 
-    def bind(self, model, device: str) -> None:
+    def bind(self, model, device: str, budgets: Budgets | None = None) -> None:
         """What teacher-forced scoring needs of the model alone (benchmarks/gpu_scoring.py
-        scores with a bare model and no tokenizer through this)."""
+        scores with a bare model and no tokenizer through this). `budgets`: the memory
+        the passes may use (default: the entry's, derived from the device's free memory)."""
         self.model = model
         self.device = device
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.max_batch_tokens = 8192 if device == "cpu" else 65536
+        head = model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0]
+        self.kv_per_token = kv_bytes_per_token(config, head.weight.element_size())
+        if budgets is None:
+            spec = getattr(self, "spec", None) or ModelSpec(name=type(model).__name__, checkpoint={})
+            budgets = derive_budgets(spec, config, device, head.weight.element_size(), self.vocab_size)
+        self.budgets = budgets
+        self.max_batch_tokens = budgets.batch_tokens
         # Answers aligned together: every alignment round is one batched pass over the
         # answers still proposing, and a GPU's passes cost launches more than positions.
-        self.align_chunk = 64 if device == "cpu" else 256
-        # Steps reduced at once: [steps, vocab] logits of a 262k vocabulary add up fast;
-        # a GPU wants few large launches (up to 2^27 logits, 512 MiB in float32).
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.step_slice = _STEP_SLICE if device == "cpu" else max(_STEP_SLICE, (1 << 27) // self.vocab_size)
+        self.align_chunk = budgets.align_chunk
+        # Steps reduced at once: [steps, vocab] float32 logits of a 262k vocabulary add up
+        # fast; a GPU wants few large launches.
+        self.step_slice = budgets.logit_rows(self.vocab_size)
         # Prefix reuse needs every layer to attend to every earlier position (a sliding
         # window cache would drop what a proposal needs); other models recompute.
         self.reuse_past = (not getattr(config, "sliding_window", None)
                            and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ()))
-        # Keys and values kept for proposals, per call of score_paths; rows past this budget
-        # are recomputed in full instead.
-        self.max_past_bytes = 4 << 30
+        # Keys and values held between passes (kept for proposals; rows past this budget are
+        # recomputed in full instead), and the most one pass's own cache may hold.
+        self.max_past_bytes = budgets.kept_kv_bytes
         # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated).
         params = inspect.signature(model.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -158,17 +177,33 @@ class ReferenceModel:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "ReferenceModel":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        source = spec.load_source()
-        device = spec.resolve_device()
-        dtype = getattr(torch, spec.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        if spec.chat_template:
-            tokenizer.chat_template = spec.chat_template
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
-        log.info("loaded %s from %s on %s (%s)", spec.name, source, device, spec.dtype)
+        """The entry's checkpoint on its device in its dtype (validator.models.checkpoints;
+        CheckpointUnavailable says what to fix)."""
+        model, tokenizer, device = load_model(spec)
+        log.info("loaded %s on %s (%s)", spec.name, device, spec.dtype)
         return cls(spec, model, tokenizer, device)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states [rows, hidden] (softcapped where the model caps
+        them). A bfloat16 head's own output rounds logits of 20-30 to 0.125-0.25, so a
+        low-precision head is applied in float32, a slice of the vocabulary at a time
+        (the float32 copy of a whole 256k x 3072 head would be 3 GiB)."""
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        h = hidden.float()
+        if weight.dtype == torch.float32:
+            logits = torch.nn.functional.linear(h, weight, bias)
+        else:
+            logits = torch.empty((h.shape[0], weight.shape[0]), dtype=torch.float32, device=h.device)
+            block = max(1024, (64 << 20) // (4 * weight.shape[1]))  # 64 MiB of float32 weight at once
+            for a in range(0, weight.shape[0], block):
+                torch.matmul(h, weight[a : a + block].float().T, out=logits[:, a : a + block])
+            if bias is not None:
+                logits += bias.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     # -- prompts ---------------------------------------------------------------------
     @property
@@ -231,13 +266,20 @@ class ReferenceModel:
         order = sorted(range(len(items)), key=new_tokens)
         out: list[StepFeatures | None] = [None] * len(items)
         kept: list[Past | None] = [None] * len(items)
-        budget = [self.max_past_bytes if keep_past else 0]
+        # What the given pasts hold stays held through this call: new ones get the rest.
+        budget = [max(0, self.max_past_bytes - held_bytes(pasts)) if keep_past else 0]
         batch: list[int] = []
+        longest_past = 0  # the pass's own cache: rows x (longest past + longest new part)
         for idx in order:
-            if batch and new_tokens(idx) * (len(batch) + 1) > self.max_batch_tokens:
+            past_len = pasts[idx].length if pasts[idx] else 0
+            rows = len(batch) + 1
+            if batch and (new_tokens(idx) * rows > self.max_batch_tokens
+                          or rows * (max(longest_past, past_len) + new_tokens(idx)) * self.kv_per_token
+                          > self.max_past_bytes):
                 self._run_batch(items, batch, out, pasts, kept, budget)
-                batch = []
+                batch, longest_past = [], 0
             batch.append(idx)
+            longest_past = max(longest_past, past_len)
         if batch:
             self._run_batch(items, batch, out, pasts, kept, budget)
         return out, kept  # type: ignore[return-value]
@@ -260,7 +302,8 @@ class ReferenceModel:
         budget = [self.max_past_bytes]
         batch: list[tuple] = []
         for key in shared + [None]:  # None: run what is left
-            if batch and (key is None or (len(key) - 1) * (len(batch) + 1) > self.max_batch_tokens):
+            if batch and (key is None or (len(key) - 1) * (len(batch) + 1) > self.max_batch_tokens
+                          or len(key) * (len(batch) + 1) * self.kv_per_token > self.max_past_bytes):
                 with self.lock:
                     _, pasts = self._decode([list(k[:-1]) for k in batch], [None] * len(batch), budget)
                 made.update((k, past) for k, past in zip(batch, pasts) if past is not None)
@@ -296,11 +339,13 @@ class ReferenceModel:
             # copied twice); rows are views
             layers = _cache_layers(getattr(res, self._cache_arg))
             kv = torch.stack([t for pair in layers for t in pair]).unflatten(0, (len(layers), 2))
+            row_bytes = kv[:, :, 0].numel() * kv.element_size()  # a row's share, padding included
             for row, (s, h) in enumerate(zip(seqs, held)):
-                past = Past(kv[:, :, row, :, before - h : before + len(s) - h])
-                if past.nbytes <= budget[0]:
-                    budget[0] -= past.nbytes
-                    kept[row] = past
+                if row_bytes <= budget[0]:
+                    budget[0] -= row_bytes
+                    kept[row] = Past(kv[:, :, row, :, before - h : before + len(s) - h])
+            if any(p is None for p in kept):  # a kept view would hold the whole batch's tensor
+                kept = [None if p is None else Past(p.kv.clone()) for p in kept]
         return res.last_hidden_state, kept
 
     def _run_batch(self, items, batch: list[int], out: list, pasts: list | None = None,
@@ -321,16 +366,13 @@ class ReferenceModel:
                 start = len(prompt) - 1 - skipped  # row position whose output predicts path[0]
                 key = (True,) if settings.greedy else (settings.temperature, settings.top_k, settings.top_p)
                 groups.setdefault(key, []).append((row, idx, start + first, start + len(path) + 1))
-            head = self.model.get_output_embeddings()
             for members in groups.values():
                 settings = items[members[0][1]][3]
                 h = torch.cat([hidden[row, a:b] for row, _, a, b in members])
                 cands = [c for _, idx, _, _ in members for c in items[idx][2][items[idx][4]:]]
                 parts = []
                 for a in range(0, h.shape[0], self.step_slice):
-                    logits = head(h[a : a + self.step_slice]).float()
-                    if self.softcap:
-                        logits = torch.tanh(logits / self.softcap) * self.softcap
+                    logits = self.logits(h[a : a + self.step_slice])
                     parts.append(self._reduce(torch.log_softmax(logits, dim=-1),
                                               cands[a : a + self.step_slice], settings))
                 feats = parts[0] if len(parts) == 1 else StepFeatures.concat(parts)
@@ -443,14 +485,27 @@ class ReferenceModel:
     def generate(self, prompts: Sequence[list[int]], settings: Sequence[Settings],
                  seeds: Sequence[int], batch_size: int = 32) -> list[list[int]]:
         """Fixed-seed generation, one torch.Generator per probe, so a probe's re-run does
-        not depend on which other probes shared its batch."""
+        not depend on which other probes shared its batch. A batch holds at most
+        `batch_size` probes, and fewer where their prompts would pass the budget of
+        positions per pass or their keys and values (prompt and answer) the kept budget."""
         results: list[list[int]] = [[] for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -settings[i].max_tokens)
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
-            for idx, toks in zip(chunk, self._generate_batch(
-                    [prompts[i] for i in chunk], [settings[i] for i in chunk], [seeds[i] for i in chunk])):
-                results[idx] = toks
+        batch: list[int] = []
+
+        def fits(rows: list[int]) -> bool:
+            width = max(len(prompts[i]) for i in rows)
+            limit = max(settings[i].max_tokens for i in rows)
+            return (len(rows) <= batch_size and len(rows) * width <= self.max_batch_tokens
+                    and len(rows) * (width + limit) * self.kv_per_token <= self.max_past_bytes)
+
+        for idx in order + [None]:
+            if batch and (idx is None or not fits(batch + [idx])):
+                for i, toks in zip(batch, self._generate_batch(
+                        [prompts[i] for i in batch], [settings[i] for i in batch], [seeds[i] for i in batch])):
+                    results[i] = toks
+                batch = []
+            if idx is not None:
+                batch.append(idx)
         return results
 
     def _generate_batch(self, prompts, settings, seeds) -> list[list[int]]:
@@ -471,10 +526,12 @@ class ReferenceModel:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.lock:
             for step in range(limit):
-                res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                 use_cache=True, **{self._cache_arg: cache})
+                # The decoder alone and the head on the last position only: a prompt's
+                # [positions x vocabulary] logits are never built.
+                res = self.model.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                       use_cache=True, **{self._cache_arg: cache})
                 cache = getattr(res, self._cache_arg)
-                logits = res.logits[:, -1, :].float()
+                logits = self.logits(res.last_hidden_state[:, -1, :])
                 nxt = []
                 for row in range(n):
                     if done[row]:

@@ -46,12 +46,36 @@ def honest_hosts(name: str) -> dict[str, dict]:
     raise ValueError(f"unknown engine {name!r} (transformers-DTYPE or llama.cpp)")
 
 
+def check_engines(spec: ModelSpec, engine_names: list[str]) -> None:
+    for name in engine_names:
+        honest_hosts(name)
+        if name == "llama.cpp" and not spec.is_gguf:
+            raise ValueError(f"llama.cpp runs a GGUF file and model {spec.name!r} is a "
+                             f"{next(iter(spec.checkpoint))} checkpoint: leave llama.cpp out of --engines")
+
+
+def default_engines(spec: ModelSpec) -> list[str]:
+    """What honest hosts run for this checkpoint: transformers in float32 and bfloat16,
+    and llama.cpp where a GGUF exists (a hub or directory checkpoint has none)."""
+    return ["transformers-float32", "transformers-bfloat16"] + (["llama.cpp"] if spec.is_gguf else [])
+
+
 def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[str, list[float]]:
-    """Honest deviations of every kind, over a list of audit records."""
+    """Honest deviations of every kind, over a list of audit records. A record whose
+    conversation the reference's chat template refuses is left out (it is never sent
+    as a probe either)."""
+    prompts = []
+    for r in records:
+        try:
+            prompts.append(ref.prompt_ids(r["messages"]))
+        except Exception:  # noqa: BLE001 - a template (Jinja) may raise anything
+            prompts.append(None)
+    records = [r for r, p in zip(records, prompts) if p is not None]
+    prompts = [p for p in prompts if p is not None]
     settings = [Settings.from_configs(r["configs"]) for r in records]
     alignments = Aligner(ref).align([
-        AlignItem(ref.prompt_ids(r["messages"]), r["response"], s, support_tolerance=tol.support_gap)
-        for r, s in zip(records, settings)])
+        AlignItem(prompt, r["response"], s, support_tolerance=tol.support_gap)
+        for prompt, r, s in zip(prompts, records, settings)])
     out: dict[str, list[float]] = {"greedy_gap": [], "support_gap": [], "eos_gap": [],
                                    "sampled_p": [], "greedy_tokens": [0], "sampled_tokens": [0],
                                    "early_stops": [0]}
@@ -75,6 +99,7 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
 def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str], *, limit: int = 0,
               answers: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """answers: a JSONL file of honest answers; reused when it exists, written when not."""
+    check_engines(spec, engine_names)
     ref = ReferenceModel.load(spec)
     if answers and answers.exists():
         records: dict[str, list[dict]] = {}

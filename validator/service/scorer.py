@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from validator.models.checkpoints import CheckpointUnavailable, chat_template, render_chat
 from validator.models.registry import Registry, RegistryError
 from validator.scoring.batch import AnswerRecord, Auditor, ScoredAnswer, error, score_records
 from validator.scoring.verdict import Tolerances, VerdictRule
@@ -61,6 +62,9 @@ class Scorer:
 
                     try:
                         self.models[name] = ReferenceModel.load(spec)
+                    except CheckpointUnavailable as exc:  # one line that names the fix
+                        log.warning("cannot load reference model %s: %s", name, exc)
+                        raise ModelUnavailable(f"the reference model {name!r} cannot be loaded here: {exc}") from exc
                     except Exception as exc:  # noqa: BLE001 - any loader failure means the same to callers
                         log.warning("cannot load reference model %s", name, exc_info=True)
                         raise ModelUnavailable(f"the reference model {name!r} cannot be loaded here: "
@@ -71,6 +75,32 @@ class Scorer:
                 revision = getattr(getattr(getattr(ref, "model", None), "config", None), "_commit_hash", None)
                 self._provenance[name] = provenance(spec, self.rule, revision)
             return self._auditors[name]
+
+    def refusals(self, name: str, conversations: Sequence[list[dict]]) -> list[str | None]:
+        """Per conversation, why the reference of `name` cannot score an answer to it (its
+        chat template refuses it: a role it does not take, roles out of turn), or None.
+        Checked before a probe is sent, so a probe no answer to which can be scored
+        costs nobody anything. The loaded reference's own tokenizer renders it, else the
+        template (the registry's or the checkpoint's) read without loading weights; with
+        neither, nothing is refused here (scoring records the error)."""
+        try:
+            spec = self.registry.get(name)
+        except RegistryError as exc:
+            return [str(exc)] * len(conversations)
+        ref = self.models.get(name)
+        template = None if ref is not None else chat_template(spec)
+        out: list[str | None] = []
+        for messages in conversations:
+            try:
+                if ref is not None:
+                    ref.prompt_ids(messages)
+                elif template is not None:
+                    render_chat(template, messages)
+            except Exception as exc:  # noqa: BLE001 - a template (Jinja) may raise anything
+                out.append(f"{name}'s chat template refuses it: {exc}")
+                continue
+            out.append(None)
+        return out
 
     def provenance(self, name: str) -> dict:
         self.auditor(name)
