@@ -193,16 +193,16 @@ def test_low_precision_head_gives_float32_log_probs(tiny_ref):
     """A bfloat16 head's own output is rounded to bfloat16 (0.125 apart near 20); the
     reference's logits are float32 products of the same weights."""
     hidden = torch.randn(3, tiny_ref.model.config.hidden_size) * 4
-    exact = hidden.double() @ tiny_ref.model.get_output_embeddings().weight.double().T
     head = tiny_ref.model.get_output_embeddings()
-    head.to(torch.bfloat16)
-    try:
-        ours = tiny_ref.logits(hidden.to(torch.bfloat16))
-        with torch.no_grad():
+    with torch.no_grad():
+        exact = hidden.double() @ head.weight.double().T
+        head.to(torch.bfloat16)
+        try:
+            ours = tiny_ref.logits(hidden.to(torch.bfloat16))
             theirs = head(hidden.to(torch.bfloat16)).float()
-        exact_bf16_inputs = hidden.to(torch.bfloat16).double() @ head.weight.double().T
-    finally:
-        head.to(torch.float32)
+            exact_bf16_inputs = hidden.to(torch.bfloat16).double() @ head.weight.double().T
+        finally:
+            head.to(torch.float32)
     assert ours.dtype == torch.float32
     assert float((ours.double() - exact_bf16_inputs).abs().max()) < 1e-3
     assert float((theirs.double() - exact_bf16_inputs).abs().max()) > 1e-2
