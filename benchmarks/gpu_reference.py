@@ -119,8 +119,8 @@ def gemma_7b_shaped(device: str, dry_run: bool):
 
 
 def part_aligner(args, device: str) -> dict:
-    from validator.scoring.align import AlignItem, Aligner
-
+    """The aligner's batched pass (score_paths with candidate sets and kept keys/values)
+    at the configured budgets."""
     torch.manual_seed(0)
     model, cfg = gemma_7b_shaped(device, args.dry_run)
     ref = ReferenceModel.__new__(ReferenceModel)

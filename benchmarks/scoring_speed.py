@@ -75,7 +75,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

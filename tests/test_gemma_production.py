@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from validator.models.checkpoints import (CheckpointUnavailable, Budgets, derive
                                           parse_bytes, render_chat, resolve_device)
 from validator.models.registry import ModelSpec, Registry
 from validator.models.sampling import Settings
-from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
+from validator.probing.probes import greedy_and_sampled, load_bank
 from validator.scoring.align import AlignItem, Aligner
-from validator.scoring.reference import Past, ReferenceModel, held_bytes
+from validator.scoring.reference import ReferenceModel, held_bytes
 from validator.service.scorer import Scorer
 
 from . import tiny_gemma
