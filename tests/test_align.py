@@ -71,6 +71,24 @@ def test_recovers_sampled_tokens(ref):
     assert aligned_same >= 0.9 * n, (aligned_same, canonical_same)
 
 
+def test_a_token_that_splits_a_word_re_segments_the_rest_of_it(ref):
+    """An honest bfloat16 transformers host (batched, at the API's default settings)
+    answered with " al" + "gun" + "as" where the tokenizer writes " alg" + "unas", and
+    " am" + "e" + "le" + "za" for " am" + "ele" + "za". Proposing " al" and keeping the
+    old boundary gave " al" + "g" + "unas" (out of the support, rejected), the look-back
+    budget ran out, and the answer failed with 3 tokens 4-7 nats outside the support.
+    The ids are the engine's own, captured from its generate() call."""
+    messages = [{"role": "user", "content": "Translate into Spanish: 'My brother works at a hospital near the river.'"}]
+    generated = [56, 41492, 360, 23544, 292, 1055, 292, 430, 2618, 45693, 413, 344, 367, 2618, 5625, 430,
+                 2618, 10168, 1264, 5415, 11488, 744, 85, 290, 5100, 30]
+    text = ref.tokenizer.decode(generated)
+    assert text == "Hacer algunas personas en la ciudad de la hospital en la que está mi ameleza."
+    assert ref.canonical_ids(text) != generated
+    settings = Settings(temperature=0.7, top_k=50, top_p=0.5, max_tokens=96)
+    aligned = Aligner(ref).align([AlignItem(ref.prompt_ids(messages), text, settings, support_tolerance=3.0)])[0]
+    assert aligned.tokens == generated
+
+
 def test_stripped_whitespace_is_implied_not_penalised(ref, honest_records):
     """Honest answers that end in whitespace, as an API that strips it returns them."""
     records = [r for host, recs in honest_records.items() if "stripped" not in host for r in recs

@@ -397,7 +397,16 @@ class Aligner:
             fill, rejoin = [], i  # the current path resumes right after the new token
         else:
             rejoin = next(j for j in range(i, len(path.tokens)) if path.ends[j] >= new_end) + 1
-            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]], s.item.settings.greedy)
+            greedy = s.item.settings.greedy
+            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]], greedy)
+            if new_end < path.ends[rejoin - 1] and rejoin < len(path.tokens):
+                # The new token splits one of the path's: the piece it leaves is a word's
+                # fragment, which the tokenizer joins to what follows (" al" + "gunas" is
+                # "gun" + "as", not "g" + "unas"). Re-segment through the next token when
+                # that differs from keeping the old boundary.
+                joined = self._canonical(s.data[new_end : path.ends[rejoin]], greedy)
+                if joined != fill + [path.tokens[rejoin]]:
+                    fill, rejoin = joined, rejoin + 1
         tokens = path.tokens[:i] + [token]
         ends = path.ends[:i] + [new_end]
         tail = path.cands[rejoin : len(path.tokens)] if rejoin and path.ends[rejoin - 1] else []
