@@ -17,7 +17,7 @@ order, body. A host's view of each request becomes features in groups:
   repository  whether any user message's content is, exactly, a string of this
               repository (its YAML/JSON string values and its raw text files)
   account     (not in the issue's list) how often the request's bearer token appears
-              in the host's traffic: every probe to a host carries the operator's one token
+              in the host's traffic: with one account every probe to a host carries it
 
 For each group and for all the listed groups together (`overall`, without `account`;
 `overall_with_account` with it) a logistic regression (scikit-learn, standardised
@@ -32,6 +32,9 @@ Scenarios:
   private-imported-mix
               the same, with the settings mix taken from the imported half's own
               `configs` (`validator probes import --mix-out`) instead of the default mix
+  private-pool-K
+              the private scenario with a pool of K accounts in the secrets file (each
+              probe under the account its id selects, validator.probing.probes.account_index)
   repository  the same, but probes come from configs/prompts/general.yaml (what a
               validator left at the shipped bank sends)
   legacy      an emulation of the validator before this change: the shipped bank, the
@@ -73,7 +76,7 @@ import yaml  # noqa: E402
 
 from validator.models.sampling import Settings  # noqa: E402
 from validator.probing.client import FlexstackClient, Timeouts, Wire  # noqa: E402
-from validator.probing.probes import (Prompt, arrival_offsets, derive_probes, import_requests,  # noqa: E402
+from validator.probing.probes import (Prompt, account_index, arrival_offsets, derive_probes, import_requests,  # noqa: E402
                                       load_bank, load_mix, load_probe_mix, schedule_phase, write_mix)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -81,6 +84,7 @@ INTERVAL_S = 900.0  # configs/validator.yaml
 PROBES_PER_ROUND = 4
 GROUPS = ("fields", "headers", "settings", "lengths", "timing", "repository")
 PUBLIC_CLOCK_S = 900.0  # the old round boundary: time // interval
+SCENARIOS = ("private", "private-imported-mix", "repository", "legacy", "private-pool-10", "private-pool-50")
 
 
 # ------------------------------------------------------------------------ the host's ear
@@ -279,16 +283,29 @@ HTTPX_HEADERS = (("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate"), ("Conn
                  ("User-Agent", "python-httpx/0.28.1"))
 
 
+def pool_size(scenario: str) -> int:
+    """Accounts the operator's probes go out under: `private-pool-K` has K (a pool in the
+    secrets file, each probe under its keyed account as the daemon does), others one."""
+    return int(scenario.rsplit("-", 1)[1]) if scenario.startswith("private-pool-") else 1
+
+
 async def send_probes(url: str, scenario: str, bank: list[Prompt], mix, rounds: int) -> None:
     if scenario == "legacy":
-        wire, token = Wire(HTTPX_HEADERS, ("max_tokens", "max_new_tokens")), "validator"
+        wire, tokens = Wire(HTTPX_HEADERS, ("max_tokens", "max_new_tokens")), ["validator"]
     else:
-        wire, token = Wire(), "eyJ" + "operator-account-token"[:40]
-    async with FlexstackClient(url, token=token, wire=wire, timeouts=Timeouts(retries=0)) as client:
+        wire = Wire()
+        tokens = [f"eyJoperator-account-{i}-" + hashlib.sha256(str(i).encode()).hexdigest()[:20]
+                  for i in range(pool_size(scenario))]
+    clients = [FlexstackClient(url, token=t, wire=wire, timeouts=Timeouts(retries=0)) for t in tokens]
+    try:
         for r in range(rounds):
             probes = derive_probes("stealth-bench-secret", r, "host-1", bank, mix, PROBES_PER_ROUND)
-            await asyncio.gather(*(client.complete(p.messages, p.wire_settings, model="gemma-7b",
-                                                   stream=p.stream) for p in probes))
+            await asyncio.gather(*(
+                clients[account_index("stealth-bench-secret", p.id, len(clients))].complete(
+                    p.messages, p.wire_settings, model="gemma-7b", stream=p.stream) for p in probes))
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 def probe_times(scenario: str, rounds: int, rng: random.Random) -> list[float]:
@@ -478,7 +495,7 @@ def main() -> None:
               "scenarios": {}}
     import tempfile
 
-    for i, name in enumerate(("private", "private-imported-mix", "repository", "legacy")):
+    for i, name in enumerate(SCENARIOS):
         with tempfile.TemporaryDirectory() as tmp:
             result["scenarios"][name] = scenario(name, corpus, rounds, repo, seed=100 + i, tmp=Path(tmp))
         print(name, json.dumps(result["scenarios"][name]["auc"]), file=sys.stderr)

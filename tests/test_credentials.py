@@ -21,8 +21,9 @@ from validator.service.operations import outcomes
 from validator.network.simulator import SimulatedNetwork, NetworkConfig, Static, strategy
 from validator.reputation import ReputationConfig, components
 from validator.service.config import ValidatorConfig
-from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for, env_name,
-                                           read_secrets_file)
+from validator.probing.probes import account_index, derive_probes
+from validator.service.credentials import (CredentialsError, HostCredentials, accounts_for, credentials_for,
+                                           env_name, read_secrets_file)
 from validator.store import Store
 
 PROBE_SECRET = "probe-secret-that-must-stay-home"
@@ -59,6 +60,35 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path):
     path.write_text("net: {token: t, api_key: k}\n")
     with pytest.raises(CredentialsError, match="must map to some of"):
         read_secrets_file(path)
+
+
+def test_a_pool_of_accounts_comes_from_the_file_alone(tmp_path):
+    path = tmp_path / "credentials.yaml"
+    path.write_text("net:\n  - {token: a}\n  - {username: u, password: p}\nsolo: {token: s}\n")
+    path.chmod(0o600)
+    secrets = read_secrets_file(path)
+    assert accounts_for("net", secrets, {}) == [HostCredentials(token="a"), HostCredentials(None, None, "u", "p")]
+    assert accounts_for("solo", secrets, {"VALIDATOR_CRED_SOLO_TOKEN": "env"}) == [HostCredentials(token="env")]
+    assert accounts_for("unknown", secrets, {}) == [HostCredentials()]
+    with pytest.raises(CredentialsError, match="pool of 2 accounts in the secrets file.*VALIDATOR_CRED_NET_TOKEN"):
+        accounts_for("net", secrets, {"VALIDATOR_CRED_NET_TOKEN": "x"})
+    with pytest.raises(CredentialsError, match="pool of 2"):
+        credentials_for("net", secrets, {})  # a pool is never read as one account
+    for bad in ("net: []\n", "net: [{token: a}, {api_key: k}]\n", "net: [{token: 1}]\n"):
+        path.write_text(bad)
+        with pytest.raises(CredentialsError, match="net"):
+            read_secrets_file(path)
+    with pytest.raises(CredentialsError, match="'net' account 2: give both username and password"):
+        accounts_for("net", {"net": [{"token": "a"}, {"username": "u"}]}, {})
+
+
+def test_account_choice_is_keyed_fixed_per_probe_and_spread():
+    ids = [f"{i:016x}" for i in range(2000)]
+    chosen = [account_index(PROBE_SECRET, i, 5) for i in ids]
+    assert chosen == [account_index(PROBE_SECRET, i, 5) for i in ids]  # a resent probe keeps its account
+    assert all(300 <= chosen.count(a) <= 500 for a in range(5)), [chosen.count(a) for a in range(5)]
+    assert chosen != [account_index("another-secret-entirely", i, 5) for i in ids]
+    assert {account_index(PROBE_SECRET, i, 1) for i in ids} == {0}
 
 
 class Capture(BaseHTTPRequestHandler):
@@ -105,6 +135,32 @@ def test_a_credentials_key_cannot_send_another_variable(tmp_path, monkeypatch):
     assert not any(r.lower().startswith("authorization") or "\nauthorization:" in r.lower() for r in Capture.seen)
     rows = Store(daemon.config.database_url).host_scores("evil")
     assert [r["dispatch"]["error"] for r in rows] == ["auth_failed"] * 3
+
+
+def test_each_probe_goes_out_under_its_account_of_the_pool(tmp_path):
+    """A pool of four accounts in the secrets file: every probe carries the token of the
+    account its id selects, and the host sees several accounts, not one."""
+    secrets = tmp_path / "credentials.yaml"
+    tokens = [f"eyJaccount-{i}" for i in range(4)]
+    secrets.write_text("network:\n" + "".join(f"  - {{token: {t}}}\n" for t in tokens))
+    secrets.chmod(0o600)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Capture.seen = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = config(tmp_path, [{"name": "h", "url": url, "model": "smollm2-135m", "credentials": "network"}],
+                     credentials_file=str(secrets))
+        cfg.rounds.probes_per_host = 12
+        daemon = Daemon(cfg)
+        asyncio.run(daemon.probe_round(1))
+    finally:
+        server.shutdown()
+    sent = [next(line.split("Bearer ", 1)[1].strip() for line in r.splitlines()
+                 if line.lower().startswith("authorization:")) for r in Capture.seen]
+    probes = derive_probes(PROBE_SECRET, 1, "h", daemon.bank_for("smollm2-135m"), daemon.mix, 12)
+    expected = [tokens[account_index(PROBE_SECRET, p.id, 4)] for p in probes]
+    assert sorted(sent) == sorted(expected) and len(set(sent)) >= 2, sent
 
 
 @strategy

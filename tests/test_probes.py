@@ -26,7 +26,7 @@ from validator.configs import shipped
 from validator.models.sampling import Settings
 from validator.probing.client import FlexstackClient, Timeouts
 from validator.probing.probes import (DOCUMENTED, SETTINGS_FILE, arrival_offsets, catch_up, derive_probes,
-                                      import_requests, load_bank, load_probe_mix,
+                                      import_requests, load_bank, load_mix, load_probe_mix,
                                       outside_documented, schedule_phase, shipped_in_repository)
 from validator.service.config import ServeConfig, ValidatorConfig
 from validator.store import Store, upgrade
@@ -164,6 +164,24 @@ def test_no_probe_leaves_with_a_setting_outside_the_documented_ranges():
         for key, (lo, hi) in DOCUMENTED.items():
             assert lo <= getattr(s, key) <= hi, (key, configs)
     assert {s["max_new_tokens"] for s in sent} >= {512}
+
+
+def test_a_mix_entry_of_lists_is_every_combination_sharing_its_weight(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("mixes:\n  spread:\n"
+                    "    - {weight: 4, temperature: 0.7, top_k: 50, top_p: 0.5, max_tokens: 512}\n"
+                    "    - {weight: 6, temperature: [0.3, 1.0, 1.0], top_k: [5, 50], top_p: 0.9, max_tokens: 256}\n"
+                    "  empty:\n    - {temperature: [], top_k: 5}\n")
+    mix = load_probe_mix("spread", path)
+    assert mix[0] == (4.0, Settings(0.7, 50, 0.5, 512))
+    assert len(mix) == 1 + 6 and sum(w for w, _ in mix) == pytest.approx(10)
+    hot = sum(w for w, s in mix if s.temperature == 1.0)
+    assert hot == pytest.approx(4.0)  # listed twice: two thirds of the entry's 6
+    assert {(s.temperature, s.top_k) for _, s in mix[1:]} == {(t, k) for t in (0.3, 1.0) for k in (5, 50)}
+    with pytest.raises(ValueError, match="empty list"):
+        load_mix("empty", path)
+    # The shipped default spreads its tail: no handful of combinations a host could learn.
+    assert len({s for _, s in load_probe_mix("default")}) >= 100
 
 
 def test_the_daemon_refuses_a_mix_outside_the_ranges(tmp_path):

@@ -46,10 +46,11 @@ from sqlalchemy.exc import IntegrityError
 
 from validator.models.registry import Registry
 from validator.probing.client import Attribution, AuthSession, CallRecord, Err, FlexstackClient
-from validator.probing.probes import arrival_offsets, catch_up, derive_probes, load_bank, schedule_phase
+from validator.probing.probes import (account_index, arrival_offsets, catch_up, derive_probes, load_bank,
+                                      schedule_phase)
 from validator.reputation import ReputationConfig, Transition
 from validator.service.config import ValidatorConfig
-from validator.service.credentials import (CredentialsError, HostCredentials, credentials_for,
+from validator.service.credentials import (CredentialsError, HostCredentials, accounts_for,
                                            read_secrets_file)
 from validator.service.operations import Service
 from validator.service.scorer import Scorer
@@ -96,8 +97,9 @@ class Daemon:
         # a validator claims more hosts only while this is below the concurrency.
         self._busy = 0
         self._busy_changed = asyncio.Condition()
-        # Credentials key -> (credentials, the session their clients share across rounds).
-        self._sessions: dict[str, tuple[HostCredentials, AuthSession]] = {}
+        # (credentials key, account) -> (credentials, the session their clients share
+        # across rounds).
+        self._sessions: dict[tuple[str, int], tuple[HostCredentials, AuthSession]] = {}
         self._secrets = self._read_secrets()  # an unreadable file stops the start
         self.gateways = {h.name for h in config.hosts if h.gateway}
         self.attribution = Attribution(config.attribution.header, config.attribution.body_field)
@@ -220,9 +222,9 @@ class Daemon:
             todo = [(p, at, at <= now) for p, at in zip(probes, due) if p.id in pending]
             # Probes that wait for a later time are not busy until their time comes.
             await adjust(sum(now_due for *_, now_due in todo) - held)
-            client = FlexstackClient(host["url"], session=self._session(host["token_env"] or name),
-                                     attribution=self.attribution, http=http,
-                                     timeouts=cfg.client.timeouts(), wire=self.wire)
+            clients = [FlexstackClient(host["url"], session=session, attribution=self.attribution, http=http,
+                                       timeouts=cfg.client.timeouts(), wire=self.wire)
+                       for session in self._sessions_of(host["token_env"] or name)]
             gateway = name in self.gateways
 
             async def send(probe, at: float, counted: bool) -> bool:
@@ -238,6 +240,7 @@ class Daemon:
                         if self.stopping.is_set():
                             return False
                         self.progress.sent += 1
+                        client = clients[account_index(self.secret, probe.id, len(clients))]
                         record = await client.complete(probe.messages, probe.wire_settings,
                                                        model=host["model"], stream=probe.stream)
                     # Committed before anything else looks at it: a crash after this loses nothing.
@@ -291,19 +294,23 @@ class Daemon:
         path = self.config.credentials_file
         return read_secrets_file(path) if path else {}
 
-    def _session(self, key: str) -> AuthSession:
-        """The session of credentials key `key`, kept while its credentials stay the same
-        (tokens from a login or refresh live across rounds); new when they change."""
+    def _sessions_of(self, key: str) -> list[AuthSession]:
+        """The sessions of credentials key `key`, one per account of its pool, each kept
+        while its credentials stay the same (tokens from a login or refresh live across
+        rounds) and new when they change."""
         try:
-            creds = credentials_for(key, self._secrets)
+            accounts = accounts_for(key, self._secrets)
         except CredentialsError as exc:  # the calls fail as auth_failed: the validator's error
             self.on_event(str(exc))
-            creds = HostCredentials()
-        held = self._sessions.get(key)
-        if held is None or held[0] != creds:
-            held = self._sessions[key] = (creds, AuthSession(creds.token, creds.refresh_token,
-                                                             creds.username, creds.password))
-        return held[1]
+            accounts = [HostCredentials()]
+        sessions = []
+        for i, creds in enumerate(accounts):
+            held = self._sessions.get((key, i))
+            if held is None or held[0] != creds:
+                held = self._sessions[(key, i)] = (creds, AuthSession(creds.token, creds.refresh_token,
+                                                                      creds.username, creds.password))
+            sessions.append(held[1])
+        return sessions
 
     async def _renew_lease(self, host: str, round_no: int) -> None:
         lease_s = self.config.rounds.lease_s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import random
@@ -290,11 +291,23 @@ def _repository_file_containing(text: str, max_bytes: int = 2 << 20) -> str | No
 # ------------------------------------------------------------------------------ settings
 
 def load_mix(name: str = "default", path: str | Path = SETTINGS_FILE) -> list[tuple[float, Settings]]:
+    """The mix `name` as (weight, settings) pairs. An entry whose values are lists stands
+    for every combination of them, sharing its weight equally (a value listed twice
+    counts twice): a spread of settings, as users' own are, rather than a few fixed
+    combinations a host could learn."""
     raw = yaml.safe_load(resolve(path).read_text())["mixes"]
     if name not in raw:
         raise ValueError(f"no settings mix {name!r} in {path} (there: {', '.join(raw)})")
-    return [(float(e.get("weight", 1)), Settings.from_configs({k: v for k, v in e.items() if k != "weight"}))
-            for e in raw[name]]
+    out = []
+    for entry in raw[name]:
+        weight = float(entry.get("weight", 1))
+        choices = [[(k, x) for x in (v if isinstance(v, list) else [v])]
+                   for k, v in entry.items() if k != "weight"]
+        if any(not c for c in choices):
+            raise ValueError(f"settings mix {name!r}: an empty list of values in {entry}")
+        combos = list(itertools.product(*choices))
+        out += [(weight / len(combos), Settings.from_configs(dict(c))) for c in combos]
+    return out
 
 
 def outside_documented(settings: Settings) -> list[str]:
@@ -391,6 +404,13 @@ def derive_probes(secret: str, round_no: int, host: str, bank: list[Prompt],
         out.append(Probe(probe_id, round_no, host, index, prompt.id, prompt.messages, configs,
                          stream=rng.random() < 0.5))
     return out
+
+
+def account_index(secret: str, probe_id: str, accounts: int) -> int:
+    """Which of `accounts` accounts probe `probe_id` goes out under: keyed, so a host
+    cannot tell which of its callers' accounts are the validator's by when each is
+    used, and fixed per probe, so a probe resent after a restart keeps its account."""
+    return _keyed_rng(secret, "account", probe_id).randrange(accounts) if accounts > 1 else 0
 
 
 # ------------------------------------------------------------------------------ timing

@@ -8,10 +8,12 @@ variable, to a URL of its choosing):
   `credentials`, default its name; upper-cased, every character other than A-Z and 0-9
   written as `_`): VALIDATOR_CRED_<KEY>_TOKEN, _REFRESH_TOKEN, _USERNAME, _PASSWORD;
 - a secrets file (`credentials_file`, YAML, readable by its owner only): a mapping of
-  KEY to {token, refresh_token, username, password}.
+  KEY to {token, refresh_token, username, password}, or to a list of them: a pool of
+  accounts, one of which each probe goes out under (`accounts_for`), so that no one
+  account carries every probe a host receives.
 
-The environment wins over the file, field by field. A host without credentials gets
-requests without an Authorization header.
+The environment wins over the file, field by field; a pool lives in the file alone. A
+host without credentials gets requests without an Authorization header.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def env_name(key: str, field: str) -> str:
     return PREFIX + re.sub(r"[^A-Z0-9]", "_", key.upper()) + "_" + field.upper()
 
 
-def read_secrets_file(path: str | Path) -> dict[str, dict[str, str]]:
-    """KEY -> {field: value}. The file must be a mapping of mappings with known fields,
-    and not readable by group or others."""
+def read_secrets_file(path: str | Path) -> dict[str, dict[str, str] | list[dict[str, str]]]:
+    """KEY -> {field: value}, or KEY -> a pool [{field: value}, ...]. The file must map
+    keys to credentials with known fields, and not be readable by group or others."""
     path = Path(path).expanduser()
     try:
         mode = path.stat().st_mode
@@ -67,9 +69,11 @@ def read_secrets_file(path: str | Path) -> dict[str, dict[str, str]]:
         raise CredentialsError(f"credentials file {path}: expected a mapping of keys to credentials")
     out = {}
     for key, entry in raw.items():
-        if not isinstance(entry, dict) or set(entry) - set(FIELDS):
-            raise CredentialsError(f"credentials file {path}: {key!r} must map to some of {', '.join(FIELDS)}")
-        if not all(isinstance(v, str) for v in entry.values()):
+        accounts = entry if isinstance(entry, list) else [entry]
+        if not accounts or not all(isinstance(a, dict) and not set(a) - set(FIELDS) for a in accounts):
+            raise CredentialsError(f"credentials file {path}: {key!r} must map to some of "
+                                   f"{', '.join(FIELDS)}, or to a non-empty list of such accounts")
+        if not all(isinstance(v, str) for a in accounts for v in a.values()):
             raise CredentialsError(f"credentials file {path}: the values of {key!r} must be strings")
         out[str(key)] = entry
     return out
@@ -80,9 +84,31 @@ def credentials_for(key: str, secrets: Mapping[str, Mapping[str, str]] | None = 
     """The credentials of key `key`: the environment over the secrets file."""
     environ = os.environ if environ is None else environ
     entry = (secrets or {}).get(key, {})
+    if isinstance(entry, list):
+        raise CredentialsError(f"credentials {key!r} are a pool of {len(entry)} accounts: read them "
+                               "with accounts_for")
     values = {f: environ.get(env_name(key, f)) or entry.get(f) or None for f in FIELDS}
-    creds = HostCredentials(**values)
+    return _checked(repr(key), HostCredentials(**values),
+                    f" ({env_name(key, 'username')}, {env_name(key, 'password')})")
+
+
+def accounts_for(key: str, secrets: Mapping[str, object] | None = None,
+                 environ: Mapping[str, str] | None = None) -> list[HostCredentials]:
+    """The accounts of key `key`: its pool from the secrets file, or its one set of
+    credentials (environment over file; empty credentials when there are none)."""
+    environ = os.environ if environ is None else environ
+    entry = (secrets or {}).get(key)
+    if not isinstance(entry, list):
+        return [credentials_for(key, secrets, environ)]
+    overridden = [env_name(key, f) for f in FIELDS if environ.get(env_name(key, f))]
+    if overridden:
+        raise CredentialsError(f"credentials {key!r} are a pool of {len(entry)} accounts in the "
+                               f"secrets file: set its accounts there, not {', '.join(overridden)}")
+    return [_checked(f"{key!r} account {i + 1}", HostCredentials(**{f: a.get(f) or None for f in FIELDS}))
+            for i, a in enumerate(entry)]
+
+
+def _checked(name: str, creds: HostCredentials, where: str = "") -> HostCredentials:
     if (creds.username is None) != (creds.password is None):
-        raise CredentialsError(f"credentials {key!r}: give both username and password "
-                               f"({env_name(key, 'username')}, {env_name(key, 'password')}), or neither")
+        raise CredentialsError(f"credentials {name}: give both username and password{where}, or neither")
     return creds
