@@ -249,7 +249,9 @@ def test_a_round_sends_each_probe_once_at_its_own_time_without_a_placeholder_tok
             "database": str(tmp_path / "v.db"), "secret": "test-secret-for-timing", "settings_mix": "short",
             "rounds": {"interval_s": 3600, "spread_s": spread, "probes_per_host": 4, "concurrency": 8},
             "client": {"retries": 0},
-            "hosts": [{"name": n, "url": host.url, "model": "smollm2-135m"} for n in ("a", "b")]})
+            # One recording server, a path per host: two hosts may draw the same prompt
+            # and settings, and then only the path tells whose request it was.
+            "hosts": [{"name": n, "url": f"{host.url}/{n}", "model": "smollm2-135m"} for n in ("a", "b")]})
         daemon = Daemon(cfg, models={})
         round_no = daemon.round_number()
 
@@ -268,7 +270,7 @@ def test_a_round_sends_each_probe_once_at_its_own_time_without_a_placeholder_tok
         for p, at in zip(probes, expected):
             body = json.dumps({"messages": p.messages, "configs": daemon.wire.configs("smollm2-135m",
                                                                                       p.wire_settings)}).encode()
-            hits = [r for r in arrived if r["body"] == body]
+            hits = [r for r in arrived if r["body"] == body and r["target"].startswith(f"/v1/{name}/")]
             assert len(hits) == 1, p.id  # once
             assert at - 0.05 <= hits[0]["at"] <= at + 1.0, (p.id, hits[0]["at"] - at)  # at its time
             sent[p.id] = hits[0]["at"]
