@@ -55,18 +55,6 @@ def reference_registry(device: str, dtype: str, tmp: Path) -> Registry:
 
 def part_reference(args, device: str, tmp: Path) -> dict:
     from validator.network.catalogue import CATALOGUE, OfflineNetwork
-    from validator.network.engines import load_engine
-
-    class OtherIsSmolLM2(OfflineNetwork):
-        """The other-model cheat serves SmolLM2-135M (the engines' default other model is
-        Gemma-3 270M itself, the reference here)."""
-
-        def engine(self, model: str, name: str):
-            if name != "other":
-                return super().engine(model, name)
-            if (model, name) not in self._own:
-                self._own[(model, name)] = load_engine(self.registry, model, name, other_model="smollm2-135m")
-            return self._own[(model, name)]
     from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
     from validator.service.audit import run_audit
     from validator.service.calibration import calibrate
@@ -88,7 +76,11 @@ def part_reference(args, device: str, tmp: Path) -> dict:
     probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[: args.audit_prompts], load_mix("calibration"), seed=7)
     honest = ["honest-transformers-fp32", "honest-llama.cpp"]
     cheats = ["cheat-other-model", "cheat-requantised", "cheat-settings-ignored", "cheat-truncated"]
-    network = OtherIsSmolLM2.of({n: CATALOGUE[n] for n in honest + cheats}, "gemma-3-270m", registry)
+    # The other-model cheat serves SmolLM2-135M (its default other model is Gemma-3 270M
+    # itself, the reference here).
+    hosts = {n: CATALOGUE[n] for n in honest + cheats} | {"cheat-other-model": {"strategy": "other-model",
+                                                                                "serves": "smollm2-135m"}}
+    network = OfflineNetwork.of(hosts, "gemma-3-270m", registry)
     t0 = time.perf_counter()
     records = [r for host in honest + cheats for r in network.records(host, probes)]
     answer_s = time.perf_counter() - t0
