@@ -1,10 +1,11 @@
 """The production reference path on a GPU, in one run (about 8 minutes on one H200):
 
 1. Gemma-3 270M (the shipped `gemma-3-270m` entry) in bfloat16
-   on CUDA is the reference; it is calibrated with honest answers generated on the CPU
-   (transformers float32, llama.cpp), then general-bank answers of the catalogue's
-   honest CPU hosts and cheats are audited against it: cross-hardware honest answers
-   must have 0 failed, every cheat must be dishonest.
+   on CUDA is the reference; it is calibrated with its GPU engines (transformers on the
+   reference's device in float32 and bfloat16, eager attention, one request at a time)
+   and llama.cpp (CPU), then general-bank answers of the catalogue's honest hosts and
+   cheats generated on the CPU (transformers float32, llama.cpp) are audited against
+   it: cross-hardware honest answers must have 0 failed, every cheat must be dishonest.
 2. The aligner path on a gemma-7b-shaped model (GemmaConfig(): 28 layers, hidden 3072,
    vocabulary 256,000; random bfloat16 weights, nothing downloaded) at the budgets the
    reference derives from the free memory: peak memory and tokens/s for 16 sequences
@@ -14,8 +15,6 @@
     python benchmarks/gpu_reference.py --dry-run       # on the CPU: small sizes, same code
 
 Writes benchmarks/results/gpu_reference.json (--dry-run: gpu_reference.dry-run.json).
-The honest engines generate on the CPU: GPU engines (transformers on CUDA in bfloat16,
-float16, SDPA and eager) are not among the calibration's engines yet.
 """
 
 from __future__ import annotations
@@ -55,18 +54,6 @@ def reference_registry(device: str, dtype: str, tmp: Path) -> Registry:
 
 def part_reference(args, device: str, tmp: Path) -> dict:
     from validator.network.catalogue import CATALOGUE, OfflineNetwork
-    from validator.network.engines import load_engine
-
-    class OtherIsSmolLM2(OfflineNetwork):
-        """The other-model cheat serves SmolLM2-135M (the engines' default other model is
-        Gemma-3 270M itself, the reference here)."""
-
-        def engine(self, model: str, name: str):
-            if name != "other":
-                return super().engine(model, name)
-            if (model, name) not in self._own:
-                self._own[(model, name)] = load_engine(self.registry, model, name, other_model="smollm2-135m")
-            return self._own[(model, name)]
     from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
     from validator.service.audit import run_audit
     from validator.service.calibration import calibrate
@@ -81,14 +68,23 @@ def part_reference(args, device: str, tmp: Path) -> dict:
     bank.write_text(yaml.safe_dump({"prompts": [{"id": p.id, "kind": p.kind, "messages": p.messages}
                                                 for p in load_bank("configs/prompts/calibration.yaml")[: args.calibration_prompts]]}))
     t0 = time.perf_counter()
-    result = calibrate(spec, bank, ["transformers-float32", "llama.cpp"], log=lambda m: print(m, file=sys.stderr))
+    engines = ["transformers-float32", "transformers-bfloat16", "transformers-bfloat16-eager",
+               "transformers-bfloat16-batch1", "llama.cpp"]
+    result = calibrate(spec, bank, engines, log=lambda m: print(m, file=sys.stderr))
     calibrate_s = time.perf_counter() - t0
     spec.calibration.write_text(json.dumps(result, indent=2))
 
     probes = greedy_and_sampled(load_bank("configs/prompts/general.yaml")[: args.audit_prompts], load_mix("calibration"), seed=7)
     honest = ["honest-transformers-fp32", "honest-llama.cpp"]
     cheats = ["cheat-other-model", "cheat-requantised", "cheat-settings-ignored", "cheat-truncated"]
-    network = OtherIsSmolLM2.of({n: CATALOGUE[n] for n in honest + cheats}, "gemma-3-270m", registry)
+    # The other-model cheat serves SmolLM2-135M (its default other model is Gemma-3 270M
+    # itself, the reference here).
+    hosts = {n: CATALOGUE[n] for n in honest + cheats} | {"cheat-other-model": {"strategy": "other-model",
+                                                                                "serves": "smollm2-135m"}}
+    # The hosts run on the CPU (the same entry, float32 on the CPU): cross-hardware.
+    host_dir = tmp / "hosts"
+    host_dir.mkdir()
+    network = OfflineNetwork.of(hosts, "gemma-3-270m", reference_registry("cpu", "float32", host_dir))
     t0 = time.perf_counter()
     records = [r for host in honest + cheats for r in network.records(host, probes)]
     answer_s = time.perf_counter() - t0

@@ -43,6 +43,7 @@ import validator.network.simulator
 import validator.scoring.reference
 
 ANSWERS_FILE = Path(__file__).parent / "data" / "answers.jsonl"
+ENGINE_ANSWERS_FILE = Path(__file__).parent / "data" / "gemma-demo.jsonl"
 GENERATIONS_FILE = Path(__file__).parent / "data" / "generations.jsonl"
 # Whatever decides a host's answer besides the probe: the strategies and the catalogue,
 # the engines' code, the GGUF conversion (registry.py), the settings' meaning, the
@@ -75,12 +76,13 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def _used_entries(hosts) -> dict[str, dict]:
-    """The registry entries the hosts' engines load (the claimed model and the cheats'
-    other model), as far as they decide an answer: not the calibration file or the
-    reference's memory budgets, nor the entries of models no host runs."""
-    other = inspect.signature(validator.network.engines.load_engine).parameters["other_model"].default
+    """The registry entries the hosts' engines load (the models they claim and the models
+    other-model cheats serve), as far as they decide an answer: not the calibration file
+    or the reference's memory budgets, nor the entries of models no host runs."""
+    models = {hosts.config.model} | {s.model for s in hosts.hosts.values()}
+    models |= {s.options.serves for s in hosts.hosts.values() if hasattr(s.options, "serves")}
     out = {}
-    for name in sorted({hosts.config.model, other} & set(hosts.registry.models)):
+    for name in sorted(models & set(hosts.registry.models)):
         spec = hosts.registry.models[name]
         out[name] = {"checkpoint": spec.checkpoint, "dtype": spec.dtype, "device": spec.device,
                      "chat_template": spec.chat_template,
@@ -170,3 +172,62 @@ def reference_generations(ref, name: str, prompts, settings, seeds,
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)
     return tokens
+
+
+class RecordedEngines:
+    """Engine answers over HTTP, by request: for a simulated network whose requests are
+    not known in advance (the daemon derives its probes). A host's engine answers each
+    request alone (SimulatedNetwork.generate), and an engine given the same request
+    answers the same (seeded per request), so an answer is kept under its request
+    (model, engine, messages, settings, seed). Answers are read from `path` when its
+    fingerprint (the hosts' code, registry entries, packages and configuration; the
+    requests are keys, not part of it) matches; a request it lacks is generated live by
+    the real engine and the file rewritten (`save`) with the answers used."""
+
+    def __init__(self, network, path: Path = ENGINE_ANSWERS_FILE):
+        self.network, self.path = network, path
+        self.key = fingerprint(network, [], {"recorded": "per request"})
+        self.stored: dict[str, str] = {}
+        self.used: dict[str, str] = {}
+        self.engines: dict[tuple[str, str], _RecordedEngine] = {}
+        self.generated = 0
+        if path.exists() and not os.environ.get("VALIDATOR_FRESH_ANSWERS"):
+            with path.open(encoding="utf-8") as f:
+                if json.loads(f.readline()).get("fingerprint") == self.key:
+                    self.stored = {row["request"]: row["text"] for row in map(json.loads, f)}
+
+    def engine(self, model: str, name: str, load: Callable[[], object]) -> "_RecordedEngine":
+        """The engine `name` of `model`, one object per pair (the network keeps a thread
+        per engine object); `load()` loads the real one, on the first request not kept."""
+        if (model, name) not in self.engines:
+            self.engines[(model, name)] = _RecordedEngine(self, model, name, load)
+        return self.engines[(model, name)]
+
+    def save(self) -> None:
+        """Rewrite the file when anything was generated live (the answers this run used)."""
+        if not self.generated:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps({"fingerprint": self.key, "about": "tests/answers.py RecordedEngines"}) + "\n")
+            for request in sorted(self.used):
+                f.write(json.dumps({"request": request, "text": self.used[request]}, ensure_ascii=False) + "\n")
+        tmp.replace(self.path)
+
+
+class _RecordedEngine:
+    def __init__(self, recorded: RecordedEngines, model: str, name: str, load: Callable[[], object]):
+        self.recorded, self.model, self.name, self._load = recorded, model, name, load
+        self._engine = None
+
+    def generate(self, requests) -> list[str]:
+        out = []
+        for r in requests:
+            key = _digest([self.model, self.name, r.messages, r.settings.as_configs(), r.seed])
+            if key not in self.recorded.stored:
+                if self._engine is None:
+                    self._engine = self._load()
+                self.recorded.stored[key] = self._engine.generate([r])[0]
+                self.recorded.generated += 1
+            out.append(self.recorded.used.setdefault(key, self.recorded.stored[key]))
+        return out

@@ -107,8 +107,9 @@ def test_calibration_answers_come_from_the_honest_strategies(spec):
     same llama.cpp answers behind an API stripping both ends or the leading one."""
     probes = greedy_and_sampled(load_bank("configs/prompts/calibration.yaml")[:1],
                                 load_mix("calibration"), calibration.SEED)
-    records = calibration._answer(spec, "configs/prompts/calibration.yaml", ["llama.cpp"], 1,
-                                  log=lambda _: None)
+    records, failed = calibration._answer(spec, "configs/prompts/calibration.yaml", ["llama.cpp"], 1,
+                                          log=lambda _: None)
+    assert failed == {}
     assert list(records) == ["llama.cpp", "llama.cpp-stripped"]
     assert [r["configs"] for r in records["llama.cpp"]] == [s.as_configs() for _, s in probes]
     assert all(r["response"] for r in records["llama.cpp"])
@@ -117,8 +118,12 @@ def test_calibration_answers_come_from_the_honest_strategies(spec):
         assert r["id"].startswith("llama.cpp-stripped/") and r["host"] == "llama.cpp-stripped"
     assert calibration.honest_hosts("transformers-bfloat16") == {
         "transformers-bfloat16": {"strategy": "honest-transformers", "dtype": "bfloat16"}}
-    with pytest.raises(ValueError, match="unknown engine"):
-        calibration.honest_hosts("vllm")
+    assert calibration.honest_hosts("transformers-float16-eager-batch8") == {
+        "transformers-float16-eager-batch8": {"strategy": "honest-transformers", "dtype": "float16",
+                                              "attention": "eager", "batch": 8}}
+    for unknown in ("vllm", "transformers-float64", "transformers-float32-batch0", "transformers-float32-flash"):
+        with pytest.raises(ValueError, match="unknown engine"):
+            calibration.honest_hosts(unknown)
 
 
 def test_the_recorded_answers_follow_the_catalogue(registry, probes):

@@ -320,7 +320,8 @@ def test_tiny_gemma_calibrates_and_audits(tiny, tiny_ref):
 
     registry, directory = tiny
     spec = registry.get(tiny_gemma.NAME)
-    assert default_engines(spec) == ["transformers-float32", "transformers-bfloat16"]
+    assert default_engines(spec) == ["transformers-float32", "transformers-bfloat16", "transformers-float32-eager",
+                                     "transformers-float32-batch8", "transformers-float32-batch1"]
     with pytest.raises(ValueError, match="llama.cpp runs a GGUF file"):
         calibrate(spec, BANK, ["llama.cpp"])
     bank = directory / "calibration-bank.yaml"
@@ -386,3 +387,80 @@ def test_tiny_gemma_refereed_by_the_daemon(tiny, tiny_ref, tmp_path):
                                   "join hosts on hosts.id = probes.host_id")).fetchall()
     assert sorted(v for h, v in verdicts if h == "honest") == ["pass"] * 3
     assert sorted(v for h, v in verdicts if h == "cheat") == ["fail"] * 3
+
+
+# -- calibration engines ---------------------------------------------------------------------
+def test_calibration_engine_names(registry, tiny):
+    """transformers-DTYPE[-eager][-batchN] and llama.cpp, each an honest simulator host;
+    `all` is every dtype, eager attention and batches of 1, 8 and 32; llama.cpp only
+    where a GGUF exists."""
+    from validator.network.simulator import NetworkConfig, Network
+    from validator.service.calibration import engine_names, honest_hosts
+
+    gguf, directory = registry.get("gemma-3-270m"), tiny[0].get(tiny_gemma.NAME)
+    everything = engine_names(gguf, "all")
+    assert everything[-1] == "llama.cpp" and engine_names(directory, "all") == everything[:-1]
+    assert {"transformers-float16", "transformers-float32-eager", "transformers-bfloat16-eager",
+            "transformers-float32-batch1", "transformers-float32-batch8", "transformers-bfloat16-batch1"} <= set(everything)
+    assert engine_names(gguf, " transformers-float16 ,llama.cpp") == ["transformers-float16", "llama.cpp"]
+    hosts = {h: c for name in everything for h, c in honest_hosts(name).items()}
+    network = Network(NetworkConfig(model="gemma-3-270m", hosts=[{"name": h, **c} for h, c in hosts.items()]))
+    keys = {h: s.engines[0] for h, s in network.hosts.items() if s.name == "honest-transformers"}
+    assert keys["transformers-float32"] == "fp32" and keys["transformers-bfloat16-batch8"] == "bf16-batch8"
+    assert keys["transformers-float32-eager"] == "fp32-eager" and keys["transformers-float16"] == "fp16"
+
+
+def test_batched_engines_answer_each_request_under_its_own_settings(tiny):
+    """Batches of 1 and 8 with left padding, SDPA or eager attention, on the reference's
+    device: an engine answering one request at a time answers it the same whatever it
+    answered before (a request's stream is seeded from the request, not the batch's
+    first seed: probes carry no seed, and every one replaying stream 0 would correlate
+    the draws), and a batch mixes prompts, each answered under its own settings."""
+    from validator.network.engines import Request, load_engine
+
+    registry, _ = tiny
+    prompts = [p.messages for p in load_bank(BANK)[:8]]
+    sampled, greedy = Settings(temperature=1.0, top_k=0, top_p=1.0, max_tokens=6), Settings(temperature=0.0, max_tokens=6)
+    one = load_engine(registry, tiny_gemma.NAME, "fp32-batch1")
+    eight = load_engine(registry, tiny_gemma.NAME, "fp32-eager-batch8")
+    assert (one.name, one.batch_size, one.device) == ("transformers-float32-batch1", 1, "cpu")
+    assert (eight.name, eight.model.config._attn_implementation) == ("transformers-float32-eager-batch8", "eager")
+    requests = [Request(m, sampled if i % 2 else greedy) for i, m in enumerate(prompts)]
+    together = one.generate(requests)
+    alone = [one.generate([r])[0] for r in reversed(requests)][::-1]
+    assert together == alone
+    assert len({t for t, r in zip(together, requests) if not r.settings.greedy}) > 1  # not one stream replayed
+    batched = eight.generate(requests)
+    assert batched == eight.generate(requests)  # the same batch: the same answers
+    assert [t for t, r in zip(batched, requests) if r.settings.greedy] == [t for t, r in zip(together, requests)
+                                                                           if r.settings.greedy]
+
+
+def test_calibrate_reuses_saved_answers_and_leaves_out_an_engine_that_answers_nothing(tiny, tmp_path):
+    """Saved answers are used engine by engine (an engine asked for that they lack is
+    answered and added); an engine whose every answer is empty (float16 overflowing on a
+    model trained in bfloat16: gemma-3-270m's greedy answers in float16 are all empty and
+    its sampled ones raise) is left out, and the result says so."""
+    from validator.network.catalogue import OfflineNetwork
+    from validator.service.calibration import calibrate, honest_hosts
+
+    registry, directory = tiny
+    spec = registry.get(tiny_gemma.NAME)
+    bank = tmp_path / "bank.yaml"
+    bank.write_text(yaml.safe_dump({"prompts": [{"id": p.id, "kind": p.kind, "messages": p.messages}
+                                                for p in load_bank("configs/prompts/calibration.yaml")[:1]]}))
+    network = OfflineNetwork.of(honest_hosts("transformers-float32"), tiny_gemma.NAME, registry)
+    probes = greedy_and_sampled(load_bank(bank), TINY_MIX, seed=1)
+    honest = network.records("transformers-float32", probes)
+    empty = [{**r, "host": "transformers-float16", "response": ""} for r in honest]
+    answers = tmp_path / "t.answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in honest + empty))
+    logged: list[str] = []
+    result = calibrate(spec, bank, ["transformers-float32", "transformers-float32-batch1"], answers=answers,
+                       log=logged.append)
+    assert list(result["engines"]) == ["transformers-float32", "transformers-float32-batch1"]
+    assert result["left_out"] == {"transformers-float16": "all 2 answers are empty"}
+    assert "--engines transformers-float32,transformers-float32-batch1,transformers-float16" in result["command"]
+    assert [m.split(" with ")[-1] for m in logged if m.startswith("answering")] == ["transformers-float32-batch1 ..."]
+    saved = [json.loads(line)["host"] for line in answers.read_text().splitlines()]
+    assert saved.count("transformers-float32-batch1") == len(honest)

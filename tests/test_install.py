@@ -69,6 +69,7 @@ def test_wheel_ships_configs_and_templates(installed):
     for name in ("validator/configs/models.yaml", "validator/configs/settings.yaml",
                  "validator/configs/prompts/general.yaml", "validator/configs/network.demo.yaml",
                  "validator/configs/demo.yaml", "validator/configs/calibration/smollm2-135m.json",
+                 "validator/configs/network.gemma.yaml", "validator/configs/calibration/gemma-3-270m.json",
                  "validator/deploy/systemd/validator.service", "validator/deploy/prometheus/validator.rules.yml",
                  "validator/py.typed", "validator/migrations/script.py.mako"):
         assert name in names, name
@@ -88,6 +89,7 @@ def test_installed_validator_runs_from_an_empty_directory(installed):
     assert {"smollm2-135m", "gemma-7b", "gemma-3-270m"} <= set(by_name)
     smol = by_name["smollm2-135m"]
     assert smol["calibrated"] and smol["calibration"].startswith(str(installed["site"]))
+    assert by_name["gemma-3-270m"]["calibrated"] and not by_name["gemma-7b"]["calibrated"]
 
     # The shipped demo bank and settings mix resolve from the package, not the working directory.
     probes = json.loads(run([exe, "probes", "show", "--round", "1", "--host", "h", "--json"], cwd,

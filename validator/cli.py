@@ -114,9 +114,12 @@ def calibrate(
     prompts: Path = typer.Option(Path("configs/prompts/calibration.yaml"), help="Prompt bank to answer."),
     out: Optional[Path] = typer.Option(None, help="Tolerances file (default: the registry's calibration "
                                                   "path, else calibration/MODEL.json beside the registry)."),
-    engines: Optional[str] = typer.Option(None, help="Honest engines to run, comma separated (default: "
-                                                     "transformers in float32 and bfloat16, and llama.cpp "
-                                                     "where the checkpoint is a GGUF)."),
+    engines: Optional[str] = typer.Option(None, help="Honest engines to run, comma separated: "
+                                                     "transformers-DTYPE[-eager][-batchN] (DTYPE float32, "
+                                                     "bfloat16, float16), llama.cpp (GGUF checkpoints), or "
+                                                     "`all` (default: float32, bfloat16, float32-eager, "
+                                                     "float32-batch1, and llama.cpp where a GGUF exists). "
+                                                     "Engines whose answers are saved are not run again."),
     limit: int = typer.Option(0, help="Use only the first N prompts (0: all)."),
     fresh: bool = typer.Option(False, "--fresh", help="Answer the prompts again even if saved answers exist."),
     models: Optional[Path] = typer.Option(None, "--models", help="Model registry."),
@@ -124,7 +127,7 @@ def calibrate(
     """Measure how far honest engines stray from the reference and write tolerances."""
     from validator.models.checkpoints import CheckpointUnavailable
     from validator.models.registry import Registry, RegistryError
-    from validator.service.calibration import calibrate as run, default_engines
+    from validator.service.calibration import calibrate as run, engine_names
 
     try:
         registry = Registry.load(models)
@@ -132,7 +135,7 @@ def calibrate(
     except RegistryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     target = out or spec.calibration or registry.path.parent / "calibration" / f"{model}.json"
-    names = [e.strip() for e in engines.split(",") if e.strip()] if engines else default_engines(spec)
+    names = engine_names(spec, engines)
     # The honest answers are kept beside the tolerances, so anyone can re-derive them.
     answers = target.with_name(target.stem + ".answers.jsonl")
     if fresh and answers.exists():
@@ -628,6 +631,9 @@ def _validator_errors(store) -> dict:
 @app.command()
 def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo settings."),
          rounds: Optional[int] = typer.Option(None, help="Rounds to run (default: the config's)."),
+         network_file: Optional[Path] = typer.Option(None, "--network", help="Network YAML instead of the "
+                                                     "config's (configs/network.gemma.yaml: hosts claiming "
+                                                     "Gemma-3 270M)."),
          as_json: bool = typer.Option(False, "--json", help="Print the final host list as JSON "
                                       "(as `validator hosts list --json` does) instead of the table.")):
     """Simulated hosts on loopback, refereed by the real daemon for a few rounds."""
@@ -644,7 +650,7 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help
     from validator.service.reads import host_reasons, host_rows
 
     raw = yaml.safe_load(resolve(config).read_text())
-    network = NetworkConfig.load(raw["network"])
+    network = NetworkConfig.load(network_file or raw["network"])
     n_rounds = rounds or int(raw.get("rounds", 3))
     db = Path(raw.get("database", "demo.db")).expanduser().resolve()
     for suffix in ("", "-wal", "-shm"):  # a demo starts from nothing

@@ -2,8 +2,11 @@
 precisions, and the damaged models cheats run. The host behaviours built on them are
 the strategies of validator.network.simulator; every answer comes from a real model.
 
-- TransformersEngine: transformers' own `generate()` in any dtype, optionally with
-  some decoder layers removed (a cheaper, worse model claiming to be the real one).
+- TransformersEngine: transformers' own `generate()` in any dtype, with SDPA or eager
+  attention, batching up to N requests of the same settings with left padding (the
+  other prompts in a batch change the padded rows' arithmetic, as on a real host), on
+  the reference's device; optionally with some decoder layers removed (a cheaper, worse
+  model claiming to be the real one).
 - LlamaCppEngine: llama.cpp (llama-cpp-python) on a GGUF file: an independent engine,
   quantised matmuls, its own sampler order.
 """
@@ -12,7 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import json
 import logging
+import re
 import threading
 import weakref
 from dataclasses import dataclass, replace
@@ -54,19 +60,15 @@ def render_chat(template: str, messages: Sequence[dict], bos: str = "", eos: str
 
 class TransformersEngine:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", drop_layers: Sequence[int] = (),
-                 name: str | None = None, batch_size: int = 32):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 name: str | None = None, batch_size: int = 32, attention: str = "sdpa"):
+        from validator.models.checkpoints import load_model
 
-        source = spec.load_source()
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        if spec.chat_template:
-            self.tokenizer.chat_template = spec.chat_template
+        self.model, self.tokenizer, self.device = load_model(spec, dtype=dtype, attention=attention)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).eval()
         if drop_layers:
             self._drop_layers(set(drop_layers))
-        self.name = name or f"transformers-{dtype}" + (f"-minus{len(drop_layers)}" if drop_layers else "")
+        self.name = name or transformers_engine_name(dtype, attention, batch_size) + (
+            f"-minus{len(drop_layers)}" if drop_layers else "")
         self.batch_size = batch_size
 
     def _drop_layers(self, drop: set[int]) -> None:
@@ -94,7 +96,8 @@ class TransformersEngine:
                 chunk = idxs[b : b + self.batch_size]
                 prompts = [self.tokenizer.apply_chat_template(
                     requests[i].messages, add_generation_prompt=True, tokenize=False) for i in chunk]
-                enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.device)
                 kwargs = dict(max_new_tokens=settings.max_tokens, repetition_penalty=1.0,
                               pad_token_id=self.tokenizer.pad_token_id or self.model.generation_config.eos_token_id)
                 if settings.greedy:
@@ -103,12 +106,22 @@ class TransformersEngine:
                     kwargs.update(do_sample=True, temperature=settings.temperature,
                                   top_k=settings.top_k, top_p=settings.top_p)
                 with torch.inference_mode(), (contextlib.nullcontext() if settings.greedy else _TORCH_RNG):
-                    torch.manual_seed(requests[chunk[0]].seed)
+                    torch.manual_seed(batch_seed([requests[i] for i in chunk]))
                     ids = self.model.generate(**enc, **kwargs)
                 new = ids[:, enc["input_ids"].shape[1]:]
                 for i, row in zip(chunk, new):
                     out[i] = self.tokenizer.decode(row, skip_special_tokens=True)
         return out
+
+
+def batch_seed(requests: Sequence[Request]) -> int:
+    """The seed of torch's generator for one batch: a digest of its requests' seeds and
+    messages. A request alone in its batch is answered the same whatever else the engine
+    serves; and requests without a seed (the API has none: every probe arrives with seed
+    0) still draw from different streams, as a host's sampler does, rather than every
+    one replaying stream 0."""
+    what = json.dumps([[r.seed, r.messages] for r in requests], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(what.encode()).digest()[:8], "big") >> 1
 
 
 def _close_llama(ref: weakref.ref) -> None:
@@ -169,21 +182,41 @@ def requantise(model, bits: int = 4, group: int = 32) -> None:
                     w.copy_((torch.round(g / scale).clamp(-levels, levels) * scale).reshape(w.shape))
 
 
-ENGINES = ("fp32", "bf16", "fp16", "llama.cpp", "other", "minus-layers", "requantised")
+# Honest transformers engines: DTYPE[-eager][-batchN] (SDPA attention and batches of up
+# to 32 unless named); `transformers_engine_name` gives the name the engine reports.
+TRANSFORMERS = re.compile(r"^(fp32|bf16|fp16)(-eager)?(?:-batch([1-9][0-9]*))?$")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ENGINES = ("fp32", "bf16", "fp16", "DTYPE-eager", "DTYPE-batchN", "DTYPE-eager-batchN", "llama.cpp",
+           "minus-layers", "requantised")
 _shared: dict[tuple, Engine] = {}
 _shared_lock = threading.Lock()
+_loading = threading.Lock()
 
 
-def load_engine(registry, model: str, name: str, other_model: str = "gemma-3-270m") -> Engine:
-    """A new engine `name` (see ENGINES) for `model`; "other" is `other_model` on llama.cpp."""
+def _variant(attention: str, batch_size: int) -> str:
+    return ("-eager" if attention == "eager" else "") + (f"-batch{batch_size}" if batch_size != 32 else "")
+
+
+def transformers_engine(dtype: str, attention: str = "sdpa", batch_size: int = 32) -> str:
+    """The engine key (for load_engine) of transformers in `dtype` with `attention`."""
+    return {v: k for k, v in DTYPES.items()}[dtype] + _variant(attention, batch_size)
+
+
+def transformers_engine_name(dtype: str, attention: str = "sdpa", batch_size: int = 32) -> str:
+    """transformers-DTYPE[-eager][-batchN]: what a calibration file and an engine call it."""
+    return f"transformers-{dtype}" + _variant(attention, batch_size)
+
+
+def load_engine(registry, model: str, name: str) -> Engine:
+    """A new engine `name` (see ENGINES) for `model`."""
     spec = registry.get(model)
-    if name in ("fp32", "bf16", "fp16"):
-        return TransformersEngine(spec, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name])
+    honest = TRANSFORMERS.match(name)
+    if honest:
+        dtype, eager, batch = honest.groups()
+        return TransformersEngine(spec, DTYPES[dtype], attention="eager" if eager else "sdpa",
+                                  batch_size=int(batch or 32))
     if name == "llama.cpp":
         return LlamaCppEngine(spec.gguf_path(), chat_template=spec.chat_template)
-    if name == "other":
-        other = registry.get(other_model)
-        return LlamaCppEngine(other.gguf_path(), chat_template=other.chat_template, name=other.name)
     if name == "minus-layers":  # four layers from the middle
         from transformers import AutoConfig
 
@@ -196,13 +229,20 @@ def load_engine(registry, model: str, name: str, other_model: str = "gemma-3-270
     raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
 
 
-def shared_engine(registry, model: str, name: str, other_model: str = "gemma-3-270m") -> Engine:
+def shared_engine(registry, model: str, name: str) -> Engine:
     """Engines by (model, name), loaded once per process and shared by everything that
     answers as a host (tests, examples, the simulated network)."""
-    key = (str(registry.path), model, name, other_model if name == "other" else None)
+    key = (str(registry.path), model, name)
     with _shared_lock:
         if key in _shared:
             return _shared[key]
-    engine = load_engine(registry, model, name, other_model)
-    with _shared_lock:
-        return _shared.setdefault(key, engine)
+    # One load at a time: transformers builds a model on the meta device under a
+    # process-wide context, and two loads in two threads (engines loaded on first
+    # request, each in its own thread) got each other's meta tensors.
+    with _loading:
+        with _shared_lock:
+            if key in _shared:
+                return _shared[key]
+        engine = load_engine(registry, model, name)
+        with _shared_lock:
+            return _shared.setdefault(key, engine)

@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from validator.network.engines import Request as EngineRequest
-from validator.network.engines import shared_engine
+from validator.network.engines import shared_engine, transformers_engine
 from validator.configs import resolve
 from validator.models.registry import Registry
 from validator.models.sampling import Settings, SettingsError
@@ -167,14 +167,19 @@ def strategy(cls: type[Strategy]) -> type[Strategy]:
 
 @strategy
 class HonestTransformers(Strategy):
+    """transformers' generate() in `dtype` with `attention`, batching up to `batch`
+    requests of the same settings (left padding; offline, the requests that arrive
+    together; over HTTP each request runs alone)."""
     name = "honest-transformers"
 
     class Options(Strategy.Options):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        attention: Literal["sdpa", "eager"] = "sdpa"
+        batch: int = Field(32, ge=1, le=1024)
 
     @property
     def engines(self):  # type: ignore[override]
-        return ({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.options.dtype],)
+        return (transformers_engine(self.options.dtype, self.options.attention, self.options.batch),)
 
 
 @strategy
@@ -198,9 +203,18 @@ class HonestLlamaCpp(Strategy):
 
 @strategy
 class OtherModel(Strategy):
-    """A different (smaller, cheaper) model claiming to be the requested one."""
+    """A different (smaller, cheaper) model claiming to be the requested one: the
+    registry's model `serves`, on llama.cpp."""
     name = "other-model"
-    engines = ("other",)
+
+    class Options(Strategy.Options):
+        serves: str = "gemma-3-270m"
+
+    def load(self) -> None:
+        self.network.engine(self.options.serves, "llama.cpp")
+
+    async def answer(self, call):
+        return await self.network.generate(self.options.serves, "llama.cpp", call.messages, call.settings)
 
 
 @strategy

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -35,15 +36,24 @@ FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}
 SEED = 20261127
 
 
+TRANSFORMERS_ENGINE = re.compile(r"^transformers-(float32|bfloat16|float16)(-eager)?(?:-batch([1-9][0-9]*))?$")
+
+
 def honest_hosts(name: str) -> dict[str, dict]:
     """The honest host configurations (simulator strategies) behind an engine name:
-    transformers-DTYPE, or llama.cpp with its whitespace-stripped twin."""
-    if name.startswith("transformers-"):
-        return {name: {"strategy": "honest-transformers", "dtype": name.split("-", 1)[1]}}
+    transformers-DTYPE[-eager][-batchN] (SDPA attention and batches of up to 32 unless
+    named), or llama.cpp with its whitespace-stripped twin."""
+    m = TRANSFORMERS_ENGINE.match(name)
+    if m:
+        dtype, eager, batch = m.groups()
+        return {name: {"strategy": "honest-transformers", "dtype": dtype,
+                       **({"attention": "eager"} if eager else {}),
+                       **({"batch": int(batch)} if batch and int(batch) != 32 else {})}}
     if name == "llama.cpp":
         return {name: {"strategy": "honest-llama.cpp"},
                 "llama.cpp-stripped": {"strategy": "honest-llama.cpp", "strip": "either"}}
-    raise ValueError(f"unknown engine {name!r} (transformers-DTYPE or llama.cpp)")
+    raise ValueError(f"unknown engine {name!r} (transformers-DTYPE[-eager][-batchN], DTYPE float32, "
+                     "bfloat16 or float16, or llama.cpp)")
 
 
 def check_engines(spec: ModelSpec, engine_names: list[str]) -> None:
@@ -55,9 +65,31 @@ def check_engines(spec: ModelSpec, engine_names: list[str]) -> None:
 
 
 def default_engines(spec: ModelSpec) -> list[str]:
-    """What honest hosts run for this checkpoint: transformers in float32 and bfloat16,
-    and llama.cpp where a GGUF exists (a hub or directory checkpoint has none)."""
-    return ["transformers-float32", "transformers-bfloat16"] + (["llama.cpp"] if spec.is_gguf else [])
+    """What `validator calibrate` runs unless told: transformers in float32 and bfloat16
+    (SDPA, batches of up to 32), float32 with eager attention, float32 in batches of 8
+    and one request at a time (no padding), and llama.cpp where a GGUF exists (a hub or
+    directory checkpoint has none). Gemma-3 270M on a busy 2-core CPU: 33 minutes of answering for 20 probes
+    (`--limit 10`), hours for the whole bank (docs/production.md, "Calibration")."""
+    return (["transformers-float32", "transformers-bfloat16", "transformers-float32-eager",
+             "transformers-float32-batch8", "transformers-float32-batch1"]
+            + (["llama.cpp"] if spec.is_gguf else []))
+
+
+def all_engines(spec: ModelSpec) -> list[str]:
+    """`--engines all`: every dtype (float16 too), eager attention and batches of 1 and 8
+    besides 32 for float32 and bfloat16, and llama.cpp where a GGUF exists."""
+    return ([f"transformers-{d}" for d in ("float32", "bfloat16", "float16")]
+            + [f"transformers-{d}{v}" for d in ("float32", "bfloat16") for v in ("-eager", "-batch8", "-batch1")]
+            + (["llama.cpp"] if spec.is_gguf else []))
+
+
+def engine_names(spec: ModelSpec, given: str | None) -> list[str]:
+    """The engines of a `--engines` option: comma separated names, `all`, or (None) the defaults."""
+    if not given:
+        return default_engines(spec)
+    if given.strip() == "all":
+        return all_engines(spec)
+    return [e.strip() for e in given.split(",") if e.strip()]
 
 
 def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[str, list[float]]:
@@ -98,20 +130,36 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
 
 def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str], *, limit: int = 0,
               answers: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """answers: a JSONL file of honest answers; reused when it exists, written when not."""
+    """answers: a JSONL file of honest answers. The answers of every engine it holds are
+    used (and the file's engines are what the result's command names); engines asked
+    for that it lacks are answered and added to it."""
     check_engines(spec, engine_names)
     ref = ReferenceModel.load(spec)
+    records: dict[str, list[dict]] = {}
     if answers and answers.exists():
-        records: dict[str, list[dict]] = {}
         for line in answers.read_text().splitlines():
             r = json.loads(line)
             records.setdefault(r["host"], []).append(r)
-        log(f"reusing {sum(map(len, records.values()))} honest answers from {answers}")
-    else:
-        records = _answer(spec, prompts_path, engine_names, limit, log)
-        if answers:
+        log(f"reusing {sum(map(len, records.values()))} honest answers of {', '.join(records)} from {answers}")
+    missing = [name for name in engine_names if not set(honest_hosts(name)) <= set(records)]
+    broken: dict[str, str] = {}
+    for name in missing:  # each engine's answers saved as soon as it is done: a stopped run resumes
+        new, failed = _answer(spec, prompts_path, [name], limit, log)
+        records.update(new)
+        broken.update(failed)
+        if answers and new:
             answers.parent.mkdir(parents=True, exist_ok=True)
-            answers.write_text("".join(json.dumps(r) + "\n" for recs in records.values() for r in recs))
+            with answers.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for recs in new.values() for r in recs))
+    for name, recs in list(records.items()):
+        if not any(r["response"].strip() for r in recs):
+            # An engine that answers nothing (float16 overflowing on a model trained in
+            # bfloat16) is broken, not honest: its stops would set the tolerances.
+            broken[name] = f"all {len(recs)} answers are empty"
+            log(f"leaving {name} out: {broken[name]}")
+            del records[name]
+    if not records:
+        raise ValueError(f"no engine gave an answer to calibrate {spec.name} with ({', '.join(broken)} answered nothing)")
     base = Tolerances()
     per_engine: dict[str, dict] = {}
     pooled: dict[str, list[float]] = {}
@@ -131,35 +179,57 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
     tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
     tol["eos_rate"] = 3.0 / max(pooled["early_stops"][0], 3)
     n_answers = sum(len(r) for r in records.values())
+    used = [name for name in (*records, *broken) if _is_engine(name)]
+    # What reproduces the file: its answers may have been saved by an earlier command.
+    answered = len({json.dumps(r["messages"]) for recs in records.values() for r in recs})
+    shortened = answered < len(load_bank(prompts_path))
     return {
         "model": spec.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": f"validator calibrate --model {spec.name} --prompts {prompts_path} "
-                   f"--engines {','.join(engine_names)}" + (f" --limit {limit}" if limit else ""),
+                   f"--engines {','.join(used)}" + (f" --limit {answered}" if shortened else ""),
         "summary": f"{n_answers} honest answers, engines {', '.join(records)}",
         "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
                 "rate = 3 / honest observations (rule of three)",
         "tolerances": tol,
         "observed": _describe(pooled),
         "engines": per_engine,
+        **({"left_out": broken} if broken else {}),
         "verdict_rule": VerdictRule().__dict__,
     }
 
 
+def _is_engine(host: str) -> bool:
+    """Whether a calibration host is an engine's own (not llama.cpp's stripped twin)."""
+    try:
+        return host in honest_hosts(host)
+    except ValueError:
+        return False
+
+
 def _answer(spec: ModelSpec, prompts_path, engine_names: list[str], limit: int,
-            log: Callable[[str], None]) -> dict[str, list[dict]]:
+            log: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """The honest hosts' records per host, and the engines that failed (name -> why)."""
     prompts = load_bank(prompts_path)[: limit or None]
     probes = greedy_and_sampled(prompts, load_mix("calibration"), SEED)
     records: dict[str, list[dict]] = {}
+    failed: dict[str, str] = {}
     for name in engine_names:
         hosts = honest_hosts(name)
         # One engine in memory at a time: each may be a large model.
         network = OfflineNetwork.of(hosts, spec.name, Registry({spec.name: spec}), shared_engines=False)
-        for host in hosts:
-            log(f"answering {len(probes)} probes with {host} ...")
-            records[host] = network.records(host, probes)
-        network.close()
-    return records
+        try:
+            for host in hosts:
+                log(f"answering {len(probes)} probes with {host} ...")
+                records[host] = network.records(host, probes)
+        except RuntimeError as exc:  # e.g. float16 logits overflowing to inf/nan while sampling
+            failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log(f"leaving {name} out: {failed[name]}")
+            for host in hosts:
+                records.pop(host, None)
+        finally:
+            network.close()
+    return records, failed
 
 
 def _describe(m: dict[str, list[float]]) -> dict:

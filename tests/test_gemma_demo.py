@@ -1,0 +1,143 @@
+"""The demo network claiming Gemma-3 270M (validator/configs/network.gemma.yaml), refereed
+by the real daemon with the reference as a `dir:` checkpoint: the gemma-3-270m package's
+GGUF assembled into a transformers directory, loaded exactly as an operator's local
+gemma-7b directory is, with the committed calibration. The hosts run the shipped
+registry (llama.cpp needs the GGUF itself, the transformers hosts the same weights).
+
+The hosts' engine answers are recorded per request in tests/data/gemma-demo.jsonl
+(tests/answers.py, RecordedEngines): the daemon derives the same probes on every run
+(first_round 1, the demo's secret), so the default run generates none; the reference
+scores every answer live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import yaml
+from sqlalchemy import text
+
+from validator.configs import shipped
+from validator.models.registry import Registry
+from validator.network.simulator import NetworkConfig, SimulatedNetwork
+from validator.scoring.reference import ReferenceModel
+
+from .answers import RecordedEngines
+
+MODEL = "gemma-3-270m"
+# One round of twelve probes a host. An honest host needs trust_after (5, the demo's)
+# passes in a row to be trusted. The other-model and settings-ignored cheats fail
+# nearly every answer and are flagged at their second probe; the re-quantised and
+# truncating cheats fail few answers or none (a truncated answer is one early stop, weak
+# evidence: p = the calibrated eos_rate), so their evidence takes about ten probes to
+# cross 1/alpha; with six probes a host the truncating cheat was trusted (the test
+# prints each host's verdicts and the reason it was flagged).
+PROBES_PER_HOST = 12
+
+
+class RecordedNetwork(SimulatedNetwork):
+    """The simulated network, its engines answering from recorded answers."""
+
+    def __init__(self, config: NetworkConfig):
+        super().__init__(config)
+        self.recorded = RecordedEngines(self)
+
+    def engine(self, model: str, name: str):
+        return self.recorded.engine(model, name, lambda: super(RecordedNetwork, self).engine(model, name))
+
+
+def dir_registry(tmp) -> Registry:
+    """A registry whose gemma-3-270m is a `dir:` checkpoint on the CPU, read with the
+    committed calibration."""
+    shipped_registry = Registry.load()
+    spec = shipped_registry.get(MODEL)
+    raw = yaml.safe_load(shipped_registry.path.read_text())
+    raw["models"] = {MODEL: {**raw["models"][MODEL], "checkpoint": {"dir": spec.load_source()},
+                             "device": "cpu", "calibration": str(spec.calibration)}}
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Registry.load(path)
+
+
+@pytest.fixture(scope="module")
+def gemma_demo(tmp_path_factory):
+    from validator.daemon import Daemon
+    from validator.service.config import HostEntry, ValidatorConfig
+    from validator.service.reads import host_rows
+    from validator.store import Store
+
+    tmp = tmp_path_factory.mktemp("gemma-demo")
+    registry = dir_registry(tmp)
+    spec = registry.get(MODEL)
+    assert next(iter(spec.checkpoint)) == "dir" and spec.calibration.exists()
+    ref = ReferenceModel.load(spec)
+    net = RecordedNetwork(NetworkConfig.load("configs/network.gemma.yaml"))
+    net.load()
+    net.start()
+    t0 = time.perf_counter()
+    try:
+        demo = yaml.safe_load(shipped("demo.yaml").read_text())["validator"]
+        demo["rounds"].update(probes_per_host=PROBES_PER_HOST)
+        # Recorded answers come at once; generating them live on a busy 2-core machine
+        # (a changed fingerprint) queues every host's probes behind the same CPUs.
+        demo["client"].update(first_byte_s=900, total_s=1200)
+        cfg = ValidatorConfig.model_validate({
+            **demo, "database": f"sqlite:///{tmp / 'demo.db'}", "models": str(registry.path),
+            "hosts": [HostEntry(name=n, url=net.urls[n], model=s.model).model_dump() for n, s in net.hosts.items()]})
+        progress = asyncio.run(Daemon(cfg, models={MODEL: ref}).run(max_rounds=1, first_round=1))
+    finally:
+        net.stop()
+        net.recorded.save()
+    seconds = time.perf_counter() - t0
+    store = Store(cfg.database_url)
+    with store.engine.connect() as c:
+        verdicts = c.execute(text(
+            "select hosts.name, scores.verdict from scores join probes on probes.id = scores.probe_id "
+            "join hosts on hosts.id = probes.host_id order by probes.id")).fetchall()
+    by_host: dict[str, list[str]] = {}
+    for host, verdict in verdicts:
+        by_host.setdefault(host, []).append(verdict)
+    rows = {r["host"]: r for r in host_rows(store)}
+    flagged = {name: store.reputation_events(name) for name in rows}
+    print(f"\ngemma demo: {progress.sent} probes, {progress.scored} scored, {net.recorded.generated} "
+          f"answers generated live, {seconds:.0f} s")
+    for name, row in rows.items():
+        print(f"  {name}: {row['state']} score {row['score']:.2f} verdicts {by_host.get(name)} "
+              f"{[e['reason'] for e in flagged[name]][:1]}")
+    return {"rows": rows, "verdicts": by_host, "progress": progress, "network": net}
+
+
+# Caught only by its early stops, each one violation with p = the calibrated eos_rate:
+# Gemma-3 270M is a base model whose honest calibration answers never stopped early (0
+# of 140), so that rate is 3/3 = 1 (the rule of three with no observation) and a
+# truncated answer is no evidence. With the built-in eos_rate (1e-2) it was flagged at
+# its 11th probe, never calibrated for this model; a calibration with honest early stops
+# (an instruction-tuned model such as gemma-7b-it) makes it evidence again.
+UNCAUGHT = {"cheat-truncated"}
+
+
+def test_gemma_demo_trusts_the_honest_and_flags_the_cheats(gemma_demo):
+    rows, verdicts = gemma_demo["rows"], gemma_demo["verdicts"]
+    assert set(rows) == {h.name for h in gemma_demo["network"].config.hosts}
+    assert gemma_demo["progress"].scored == len(rows) * PROBES_PER_HOST
+    for name, row in rows.items():
+        assert row["errors"] == 0 and row["scored"] == PROBES_PER_HOST, row
+        if name.startswith("honest-"):
+            assert row["state"] == "trusted", (row, verdicts[name])
+            assert "fail" not in verdicts[name], verdicts[name]
+        elif name not in UNCAUGHT:
+            assert row["state"] == "flagged" and row["score"] == 0.0, (row, verdicts[name])
+
+
+@pytest.mark.xfail(strict=True, reason="no honest early stop in gemma-3-270m's calibration: eos_rate 1 (UNCAUGHT)")
+def test_gemma_demo_flags_the_truncating_cheat(gemma_demo):
+    assert {name: gemma_demo["rows"][name]["state"] for name in UNCAUGHT} == {name: "flagged" for name in UNCAUGHT}
+
+
+def test_gemma_demo_answers_came_from_the_recording(gemma_demo):
+    """Nothing generated live: the recorded answers cover every probe the daemon sent (a
+    changed strategy, engine, registry entry or package changes the fingerprint, and a
+    changed probe is a request not recorded: both are generated live and the file is
+    rewritten, to be committed with the change)."""
+    assert gemma_demo["network"].recorded.generated == 0
