@@ -238,13 +238,13 @@ def markdown(result: dict) -> str:
              f"At most {c['probes']} sampled probes per deviating host, rounds of {c['round_size']}, "
              f"max_tokens {c['max_tokens']}, {c['hosts']} hosts per deviation size; alpha 1e-4.", "",
              "## Honest engines (recorded answers, tests/data/answers.jsonl)", "",
-             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge | greedy off argmax | max log R (answers, logprob, edge) |",
+             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge | greedy off argmax | max log R (answers, logprob, edge, termination) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for h, r in result["summary"].get("honest", {}).items():
         m = r["log_e_max"]
         lines.append(f"| {h} | {r['probes']} | {r['sampled']} | {r['flagged']} | {r['failed_answers']} | "
                      f"{r['statistic_z']} | {r['edge_share']} | {r['greedy_off_argmax_share']} | "
-                     f"{m.get('answers')}, {m.get('logprob')}, {m.get('edge')} |")
+                     f"{m.get('answers')}, {m.get('logprob')}, {m.get('edge')}, {m.get('termination')} |")
     lines.append("")
     for setting, rows in result["summary"].items():
         if setting == "honest":

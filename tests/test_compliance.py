@@ -1,4 +1,5 @@
-"""Pooled compliance evidence (validator.reputation's log-prob and edge e-processes) and
+"""Pooled compliance evidence (validator.reputation's log-prob, edge and termination
+e-processes) and
 the settings-bending hosts (validator.network.deviations).
 
 The bound is checked on a synthetic null where the sampling distribution is known
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from validator.reputation import (HostRule, Outcome, POOLED_LAMBDA_GRID, ReputationConfig, assess,
+from validator.reputation import (POOLED, HostRule, Outcome, POOLED_LAMBDA_GRID, ReputationConfig, assess,
                                   host_verdict, pooled_log_evidence)
 from validator.scoring.verdict import POOLED_LAMBDAS
 
@@ -112,11 +113,44 @@ def test_edge_process_counts_tokens_beyond_the_support():
 def test_records_that_cannot_be_read_add_nothing():
     bad = [None, {"mode": "greedy", "tokens": 5}, {"mode": "sampled"}, {"mode": "sampled", "s": "x"},
            {"mode": "sampled", "lambdas": [1.0], "s": [1, 1], "psi": [[0], [0]], "tokens": 3},
-           {"mode": "sampled", "edge": {"tokens": 3, "beyond": 9, "rate": 0.01}}]
-    for kind in ("logprob", "edge"):
+           {"mode": "sampled", "edge": {"tokens": 3, "beyond": 9, "rate": 0.01}},
+           {"mode": "greedy", "termination": {"answers": 1, "violations": 1, "rate": 1.0}},
+           {"mode": "greedy", "termination": {"answers": 1, "violations": 2, "rate": 0.01}},
+           {"mode": "sampled", "termination": "cut"}]
+    assert set(POOLED) == {"logprob", "edge", "termination"}
+    for kind in POOLED:
         log_r = pooled_log_evidence(bad, kind)
         # each answer only adds its change-point weight: R_n = sum_{s<=n} w_s < 1
         assert (log_r < 0).all() and len(log_r) == len(bad)
+
+
+def _ending(violations: int, rate: float = 0.02, mode: str = "greedy") -> dict:
+    return {"mode": mode, "termination": {"answers": 1, "violations": violations, "rate": rate}}
+
+
+def test_termination_process_counts_answers_that_end_where_the_reference_does_not():
+    """Greedy and sampled answers alike are trials; an honest host ending early at its
+    calibrated rate stays far below 1/alpha over 2,000 answers, a host cutting most
+    answers short crosses it within a few."""
+    rng = np.random.default_rng(3)
+    honest = [_ending(int(rng.random() < 0.02), mode=("greedy", "sampled")[i % 2]) for i in range(2000)]
+    assert pooled_log_evidence(honest, "termination").max() < math.log(1e2)
+    cut = [_ending(1, mode=("greedy", "sampled")[i % 2]) for i in range(8)]
+    log_r = pooled_log_evidence(cut, "termination")
+    assert log_r[-1] >= math.log(1e4 * 20)  # past its share (0.05) of 1/alpha
+    assert log_r[1] < math.log(1e4)  # two stops are not yet enough
+    # one stop in ten: still evidence, more slowly
+    assert pooled_log_evidence([_ending(int(i % 10 == 0)) for i in range(400)], "termination").max() >= math.log(1e4 * 20)
+
+
+def test_reputation_flags_a_host_that_cuts_answers_short_and_says_why():
+    standing, transition = assess("new", _outcomes([_ending(1) for _ in range(10)]))
+    assert transition is not None and transition.state_to == "flagged"
+    assert transition.evidence["leading_process"] == "termination"
+    assert "ending where the reference does not end" in transition.reason
+    assert transition.evidence["pooled"]["termination_violations"] == transition.evidence["probes"]
+    summary = host_verdict([1.0] * 10, ["pass"] * 10, HostRule(), pooled=[_ending(1) for _ in range(10)])
+    assert summary["verdict"] == "dishonest" and summary["evidence"]["termination"]["p_value"] < 1e-4 / 20
 
 
 def _outcomes(records: list[dict | None], p: float = 1.0) -> list[Outcome]:

@@ -11,7 +11,7 @@ import pytest
 from validator.network.catalogue import CHEATS
 from validator.service.audit import run_audit
 from validator.service.scorer import Scorer
-from validator.reputation import HostRule, host_verdict
+from validator.reputation import POOLED, HostRule, host_verdict
 
 from .conftest import CHEAT_ANSWERS, MODEL
 
@@ -68,7 +68,7 @@ def test_honest_engines_pooled_evidence_never_flags(honest_audit, honest_records
         standing, transition = assess("new", pooled_host_outcomes(mine))
         assert transition is None or transition.state_to != "flagged", (host, transition)
         assert abs(hosts[host]["pooled"]["statistic_z"]) < 3, (host, hosts[host]["pooled"])
-        for process in ("logprob", "edge"):
+        for process in POOLED:
             assert standing.evidence["processes"][process]["log_e_max"] < math.log(1e2), (host, standing.evidence)
 
 

@@ -28,11 +28,12 @@ from .answers import RecordedEngines
 MODEL = "gemma-3-270m"
 # One round of twelve probes a host. An honest host needs trust_after (5, the demo's)
 # passes in a row to be trusted. The other-model and settings-ignored cheats fail
-# nearly every answer and are flagged at their second probe; the re-quantised and
-# truncating cheats fail few answers or none (a truncated answer is one early stop, weak
-# evidence: p = the calibrated eos_rate), so their evidence takes about ten probes to
-# cross 1/alpha; with six probes a host the truncating cheat was trusted (the test
-# prints each host's verdicts and the reason it was flagged).
+# nearly every answer and are flagged at their second probe; the re-quantised cheat
+# fails few answers, and the truncating cheat none: a truncated answer is one early stop
+# where the reference does not end, weak evidence on its own (p = the calibrated
+# eos_rate, 0.02: gemma-3-270m's honest answers never stop early), which the pooled
+# termination process multiplies over the host's answers (the test prints each host's
+# verdicts and the reason it was flagged).
 PROBES_PER_HOST = 12
 
 
@@ -105,16 +106,7 @@ def gemma_demo(tmp_path_factory):
     for name, row in rows.items():
         print(f"  {name}: {row['state']} score {row['score']:.2f} verdicts {by_host.get(name)} "
               f"{[e['reason'] for e in flagged[name]][:1]}")
-    return {"rows": rows, "verdicts": by_host, "progress": progress, "network": net}
-
-
-# Caught only by its early stops, each one violation with p = the calibrated eos_rate:
-# Gemma-3 270M is a base model whose honest calibration answers never stopped early (0
-# of 140), so that rate is 3/3 = 1 (the rule of three with no observation) and a
-# truncated answer is no evidence. With the built-in eos_rate (1e-2) it was flagged at
-# its 11th probe, never calibrated for this model; a calibration with honest early stops
-# (an instruction-tuned model such as gemma-7b-it) makes it evidence again.
-UNCAUGHT = {"cheat-truncated"}
+    return {"rows": rows, "verdicts": by_host, "progress": progress, "network": net, "events": flagged}
 
 
 def test_gemma_demo_trusts_the_honest_and_flags_the_cheats(gemma_demo):
@@ -126,13 +118,19 @@ def test_gemma_demo_trusts_the_honest_and_flags_the_cheats(gemma_demo):
         if name.startswith("honest-"):
             assert row["state"] == "trusted", (row, verdicts[name])
             assert "fail" not in verdicts[name], verdicts[name]
-        elif name not in UNCAUGHT:
+        else:
             assert row["state"] == "flagged" and row["score"] == 0.0, (row, verdicts[name])
 
 
-@pytest.mark.xfail(strict=True, reason="no honest early stop in gemma-3-270m's calibration: eos_rate 1 (UNCAUGHT)")
-def test_gemma_demo_flags_the_truncating_cheat(gemma_demo):
-    assert {name: gemma_demo["rows"][name]["state"] for name in UNCAUGHT} == {name: "flagged" for name in UNCAUGHT}
+def test_gemma_demo_flags_the_truncating_cheat_on_its_early_stops(gemma_demo):
+    """Gemma-3 270M is a base model: its honest calibration answers never stopped early
+    (0 of 140), so the early-stop rate comes from the answers (about 3 / 140), not from
+    early stops (3 / 3 = 1, which made a cut-short answer no evidence and this cheat
+    trusted). No single truncated answer fails; their early stops, pooled, flag it."""
+    row = gemma_demo["rows"]["cheat-truncated"]
+    assert row["state"] == "flagged", (row, gemma_demo["verdicts"]["cheat-truncated"])
+    assert "fail" not in gemma_demo["verdicts"]["cheat-truncated"]
+    assert "ending where the reference does not end" in gemma_demo["events"]["cheat-truncated"][0]["reason"]
 
 
 def test_gemma_demo_answers_came_from_the_recording(gemma_demo):

@@ -72,6 +72,20 @@ def test_tolerances_come_from_the_committed_calibration(spec, tolerances):
     assert Tolerances.from_file(None).source.startswith("built-in")
 
 
+def test_early_stop_rate_is_bounded_by_the_answers_when_honest_answers_never_stop_early():
+    """A base model's honest answers run to max_tokens: with no early stop to go by, the
+    rate per answer is bounded by how rarely answers stop early at all (about 3 / answers),
+    not 3 / 3 = 1, which made a truncated answer no evidence."""
+    from validator.service.calibration import early_stop_violation_rate
+
+    assert early_stop_violation_rate(0, 140) == pytest.approx(1 - 0.05 ** (1 / 140))  # ~ 3 / 140
+    assert early_stop_violation_rate(0, 3) == pytest.approx(1 - 0.05 ** (1 / 3))
+    assert early_stop_violation_rate(205, 480) == pytest.approx(3 / 205)  # many stops: per stop
+    one = early_stop_violation_rate(1, 1000)
+    assert 1 / 1000 < one < 3 / 1000 * 2
+    assert early_stop_violation_rate(5, 5) == pytest.approx(3 / 5)  # every answer stopped early
+
+
 def test_fisher_and_host_rule():
     assert fisher([]) == 1.0 and fisher([1.0] * 10) == pytest.approx(1.0)
     assert fisher([0.0, 1.0]) == 0.0

@@ -118,7 +118,7 @@ def calibrate(
                                                      "transformers-DTYPE[-eager][-batchN] (DTYPE float32, "
                                                      "bfloat16, float16), llama.cpp (GGUF checkpoints), or "
                                                      "`all` (default: float32, bfloat16, float32-eager, "
-                                                     "float32-batch1, and llama.cpp where a GGUF exists). "
+                                                     "float32-batch8, float32-batch1, and llama.cpp where a GGUF exists). "
                                                      "Engines whose answers are saved are not run again."),
     limit: int = typer.Option(0, help="Use only the first N prompts (0: all)."),
     fresh: bool = typer.Option(False, "--fresh", help="Answer the prompts again even if saved answers exist."),

@@ -106,17 +106,21 @@ VALIDATOR_ERRORS = frozenset({"auth_failed"})
 #   included; a product over answers is a test supermartingale for each l;
 # - edge: per sampled answer, k of n tokens beyond the top-k/top-p support's edge; under
 #   honesty each token is beyond it with probability at most r0 (calibrated), so
-#   e(r) = (r / r0)^k ((1 - r) / (1 - r0))^(n - k) for r > r0 is one too.
+#   e(r) = (r / r0)^k ((1 - r) / (1 - r0))^(n - k) for r > r0 is one too;
+# - termination: per answer (greedy or sampled), whether it ended early where the
+#   reference does not end; under honesty at most r0 (the calibrated eos_rate) per answer,
+#   the same binomial e-value with n = 1. A truncating host stops early on most answers,
+#   each only weak evidence on its own (p = r0).
 # Each process is a mixture over its grid (uniform weights) and, as the answers'
 # evidence, over the answer at which a deviation began (w_s = 1/(s(s+1))): its log is
-# `pooled_log_evidence`. Answers without a record (greedy, unscored, older scores)
-# contribute e = 1.
+# `pooled_log_evidence`. Answers without a record (greedy ones for logprob and edge,
+# unscored, older scores) contribute e = 1.
 
-POOLED = ("logprob", "edge")
+POOLED = ("logprob", "edge", "termination")
 # The scorer's grid of l (validator.scoring.verdict.POOLED_LAMBDAS; a test keeps them equal).
 POOLED_LAMBDA_GRID = (-1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02,
                       0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-EDGE_MULTIPLES = np.array([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])  # alternative rates r = m * r0
+RATE_MULTIPLES = np.array([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])  # alternative rates r = m * r0
 
 
 def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
@@ -129,24 +133,38 @@ def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
     return (lam * s - psi).min(axis=0) - slack  # the order that fits best
 
 
+def _binomial_log_e(n: int, k: int, r0: float) -> np.ndarray:
+    """log (r/r0)^k ((1-r)/(1-r0))^(n-k) on the grid of r: k of n trials hit, each at most
+    r0 under honesty."""
+    if not (0 <= k <= n and 0.0 < r0 < 1.0):
+        raise ValueError("counts or rate out of range")
+    r = np.minimum(RATE_MULTIPLES * r0, 0.9)
+    return k * np.log(r / r0) + (n - k) * (np.log1p(-r) - math.log1p(-r0))
+
+
 def _edge_log_e(record: Mapping[str, Any]) -> np.ndarray:
     edge = record["edge"]
-    n, k, r0 = int(edge["tokens"]), int(edge["beyond"]), float(edge["rate"])
-    if not (0 <= k <= n and 0.0 < r0 < 1.0):
-        raise ValueError("edge counts out of range")
-    r = np.minimum(EDGE_MULTIPLES * r0, 0.9)
-    return k * np.log(r / r0) + (n - k) * (np.log1p(-r) - math.log1p(-r0))
+    return _binomial_log_e(int(edge["tokens"]), int(edge["beyond"]), float(edge["rate"]))
+
+
+def _termination_log_e(record: Mapping[str, Any]) -> np.ndarray:
+    term = record["termination"]
+    return _binomial_log_e(int(term["answers"]), int(term["violations"]), float(term["rate"]))
+
+
+_ONE_ANSWER = {"logprob": _logprob_log_e, "edge": _edge_log_e, "termination": _termination_log_e}
+_MODES = {"logprob": ("sampled",), "edge": ("sampled",), "termination": ("sampled", "greedy")}
 
 
 def pooled_log_e(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.ndarray:
     """[grid, answers]: each answer's log e-value per grid point of process `kind`
-    (0 where an answer has no sampled record, or an unreadable one: skipping an answer
-    for what it is, not for its evidence, keeps the bound)."""
-    size = len(POOLED_LAMBDA_GRID) if kind == "logprob" else len(EDGE_MULTIPLES)
+    (0 where an answer has no record of that kind, or an unreadable one: skipping an
+    answer for what it is, not for its evidence, keeps the bound)."""
+    size = len(POOLED_LAMBDA_GRID) if kind == "logprob" else len(RATE_MULTIPLES)
     out = np.zeros((size, len(records)))
-    one = _logprob_log_e if kind == "logprob" else _edge_log_e
+    one = _ONE_ANSWER[kind]
     for i, rec in enumerate(records):
-        if not isinstance(rec, Mapping) or rec.get("mode") != "sampled":
+        if not isinstance(rec, Mapping) or rec.get("mode") not in _MODES[kind]:
             continue
         if kind == "logprob" and list(rec.get("lambdas", ())) != list(POOLED_LAMBDA_GRID):
             continue
@@ -171,11 +189,17 @@ def pooled_log_evidence(records: Sequence[Mapping[str, Any] | None], kind: str) 
 def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     """What the pooled records say, for a person: the log-prob statistic's z over the
     sampled answers (order fitting best: the larger variance-normalised |S| is not used,
-    the smaller is), tokens beyond the edge, greedy tokens off the reference's argmax."""
+    the smaller is), tokens beyond the edge, greedy tokens off the reference's argmax,
+    answers that ended where the reference does not."""
     sampled = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "sampled"
                and "var" in r and "s" in r]
     greedy = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "greedy"]
     out: dict[str, Any] = {"sampled_answers": len(sampled), "greedy_answers": len(greedy)}
+    ends = [r["termination"] for r in records if isinstance(r, Mapping)
+            and isinstance(r.get("termination"), Mapping)]
+    if ends:
+        out.update({"termination_answers": sum(int(t.get("answers", 0)) for t in ends),
+                    "termination_violations": sum(int(t.get("violations", 0)) for t in ends)})
     if sampled:
         s = np.array([r["s"] for r in sampled], dtype=float).sum(0)
         var = np.array([r["var"] for r in sampled], dtype=float).sum(0)
@@ -198,7 +222,8 @@ def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any
 
 def evidence_weights(pooled_weight: float) -> dict[str, float]:
     """Mixture weights of the host's evidence: the answers' e-values keep 1 - pooled_weight,
-    each pooled process half of pooled_weight (weights summing to 1 keep Ville's bound)."""
+    each pooled process an equal share of pooled_weight (weights summing to 1 keep Ville's
+    bound)."""
     return {"answers": 1.0 - pooled_weight, **{k: pooled_weight / len(POOLED) for k in POOLED}}
 
 
@@ -221,7 +246,8 @@ class HostRule:
     alpha: float = 1e-4
     honest_from: float = 1e-2  # combined p-value at or above which a host is called honest
     min_records: int = 3  # fewer answers than this are never enough to call a host honest
-    pooled_weight: float = 0.1  # share of alpha given to the pooled evidence (as ReputationConfig)
+    # Share of alpha given to the pooled evidence (as ReputationConfig): 0.05 per process.
+    pooled_weight: float = 0.15
 
 
 def fisher(p_values: Iterable[float]) -> float:
@@ -446,7 +472,7 @@ class _Honesty:
     scored: list[Outcome]  # scored probes in the evidence window, oldest first
     log_e: np.ndarray  # per probe
     log_r: np.ndarray  # log R_n per probe: the weighted mixture of the processes below
-    parts: dict[str, np.ndarray]  # log of each process (answers, logprob, edge) per probe
+    parts: dict[str, np.ndarray]  # log of each process (answers and POOLED) per probe
     weights: dict[str, float]
     threshold: float  # log(1/alpha)
     crossing: int | None  # index of the first probe with log R_n >= threshold
@@ -494,6 +520,9 @@ class _Honesty:
                           "another model)"),
             "edge": f"mostly tokens beyond the top-k/top-p support's edge: {pooled.get('edge_beyond', 0)} of "
                     f"{pooled.get('edge_tokens', 0)} sampled tokens (top-k/top-p wider than asked, or ignored)",
+            "termination": f"mostly answers ending where the reference does not end: "
+                           f"{pooled.get('termination_violations', 0)} of {pooled.get('termination_answers', 0)} "
+                           "answers (cut short)",
         }[lead]
         reason = (f"{len(window)} probe(s) from {window[0].probe_id} to {window[-1].probe_id} "
                   f"({what}) give evidence {_fmt_e(log_r)} against the host, at or above 1/alpha = "

@@ -170,6 +170,10 @@ def score_answer(al: Alignment, settings: Settings, table: TokenTable, tol: Tole
                              "rate": tol.argmax_rate}
     else:
         components += _sampled(al, settings, tol, table, metrics, stop, rule)
+    # Every answer is one trial of ending early where the reference does not: pooled per
+    # host (validator.reputation), a few such stops outweigh their weak per-answer p-values.
+    metrics["pooled"]["termination"] = {"answers": 1, "violations": int(term.get("violation", False)),
+                                        "rate": tol.eos_rate}
 
     # -- verdict -------------------------------------------------------------------------
     p_min = min(c[1] for c in components)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy import stats
 
 from validator.scoring.align import AlignItem, Aligner
 from validator.network.catalogue import OfflineNetwork
@@ -32,6 +33,7 @@ from validator.models.sampling import Settings
 from validator.scoring.verdict import Tolerances, VerdictRule, score_answer
 
 SAFETY = 2.0
+CONFIDENCE = 0.95  # of every upper bound on an honest rate (the rule of three's)
 FLOORS = {"greedy_gap": 0.5, "support_gap": 0.5, "eos_gap": 1.0}
 SEED = 20261127
 
@@ -177,8 +179,8 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
     }
     tol["token_rate"] = 3.0 / max(pooled["greedy_tokens"][0], 3)
     tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
-    tol["eos_rate"] = 3.0 / max(pooled["early_stops"][0], 3)
     n_answers = sum(len(r) for r in records.values())
+    tol["eos_rate"] = early_stop_violation_rate(pooled["early_stops"][0], n_answers)
     used = [name for name in (*records, *broken) if _is_engine(name)]
     # What reproduces the file: its answers may have been saved by an earlier command.
     answered = len({json.dumps(r["messages"]) for recs in records.values() for r in recs})
@@ -190,13 +192,28 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
                    f"--engines {','.join(used)}" + (f" --limit {answered}" if shortened else ""),
         "summary": f"{n_answers} honest answers, engines {', '.join(records)}",
         "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
-                "rate = 3 / honest observations (rule of three)",
+                "rate = 3 / honest observations (rule of three); eos_rate = the smaller of that "
+                f"per early stop and the {CONFIDENCE:.0%} upper bound on early stops per answer",
         "tolerances": tol,
         "observed": _describe(pooled),
         "engines": per_engine,
         **({"left_out": broken} if broken else {}),
         "verdict_rule": VerdictRule().__dict__,
     }
+
+
+def early_stop_violation_rate(early_stops: int, answers: int) -> float:
+    """Upper bound on how often an honest answer ends early where the reference does not.
+    No honest early stop violated the tolerance (it is set above them), so per early stop
+    the rule of three bounds the rate by 3 / early stops; and an answer can only violate
+    it by stopping early, so the rate per answer is also at most the rate of early stops,
+    bounded (Clopper-Pearson) from the answers. The smaller bound holds; a model whose
+    honest answers never stop early (a base model) gets about 3 / answers, not 1."""
+    per_stop = 3.0 / max(early_stops, 3)
+    if answers <= early_stops:
+        return per_stop
+    per_answer = float(stats.beta.ppf(CONFIDENCE, early_stops + 1, answers - early_stops))
+    return min(per_stop, per_answer)
 
 
 def _is_engine(host: str) -> bool:
