@@ -110,19 +110,25 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
     alignments = Aligner(ref).align([
         AlignItem(prompt, r["response"], s, support_tolerance=tol.support_gap)
         for prompt, r, s in zip(prompts, records, settings)])
-    out: dict[str, list[float]] = {"greedy_gap": [], "support_gap": [], "eos_gap": [],
-                                   "sampled_p": [], "greedy_tokens": [0], "sampled_tokens": [0],
-                                   "early_stops": [0]}
+    out: dict[str, list] = {"greedy_gap": [], "support_gap": [], "eos_gap": [],
+                            "sampled_p": [], "greedy_tokens": [0], "sampled_tokens": [0],
+                            "early_stops": [0], "statistic": [], "edge": [], "argmax": []}
     for al, s in zip(alignments, settings):
         f, n = al.feats, len(al.tokens)
+        score = score_answer(al, s, ref.table, tol)
+        pooled = score.metrics["pooled"]
         if s.greedy:
             out["greedy_gap"] += [float(g) for g in f.max_logp[:n] - al.token_logp]
             out["greedy_tokens"][0] += n
+            out["argmax"].append([pooled["tokens"], pooled["off_argmax"]])
         else:
             edge = f.boundary[:n].min(axis=1)
             out["support_gap"] += [float(g) for g in np.maximum(edge - al.token_logp, 0.0)]
             out["sampled_tokens"][0] += n
-            out["sampled_p"].append(score_answer(al, s, ref.table, tol).metrics["components"]["statistic"])
+            out["sampled_p"].append(score.metrics["components"]["statistic"])
+            out["statistic"].append([pooled["tokens"], *pooled["s"], *pooled["var"]])
+            out["edge"].append([f"{s.temperature:g}/{s.top_k}/{s.top_p:g}",
+                                pooled["edge"]["tokens"], pooled["edge"]["beyond"]])
         if not s.length_stop(n):
             out["early_stops"][0] += 1
             final = f.max_logp[n] if s.greedy else f.boundary[n].min()
@@ -164,10 +170,11 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
         raise ValueError(f"no engine gave an answer to calibrate {spec.name} with ({', '.join(broken)} answered nothing)")
     base = Tolerances()
     per_engine: dict[str, dict] = {}
-    pooled: dict[str, list[float]] = {}
+    measured: dict[str, dict] = {}
+    pooled: dict[str, list] = {}
     for name, recs in records.items():
         log(f"scoring {len(recs)} answers of {name} ...")
-        m = measure(ref, recs, base)
+        m = measured[name] = measure(ref, recs, base)
         per_engine[name] = _describe(m)
         for k, v in m.items():
             pooled[k] = pooled.get(k, []) + v
@@ -181,6 +188,10 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
     tol["support_rate"] = 3.0 / max(pooled["sampled_tokens"][0], 3)
     n_answers = sum(len(r) for r in records.values())
     tol["eos_rate"] = early_stop_violation_rate(pooled["early_stops"][0], n_answers)
+    host_level = {name: _pooled(m) for name, m in measured.items()}
+    for name, described in host_level.items():
+        per_engine[name]["pooled"] = described
+    tol.update(pooled_tolerances(host_level, pooled["sampled_tokens"][0], pooled["greedy_tokens"][0]))
     used = [name for name in (*records, *broken) if _is_engine(name)]
     # What reproduces the file: its answers may have been saved by an earlier command.
     answered = len({json.dumps(r["messages"]) for recs in records.values() for r in recs})
@@ -193,7 +204,10 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
         "summary": f"{n_answers} honest answers, engines {', '.join(records)}",
         "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
                 "rate = 3 / honest observations (rule of three); eos_rate = the smaller of that "
-                f"per early stop and the {CONFIDENCE:.0%} upper bound on early stops per answer",
+                f"per early stop and the {CONFIDENCE:.0%} upper bound on early stops per answer; "
+                f"statistic_bias = max({SAFETY} x |per-token mean of the statistic|, 2 standard errors) "
+                f"of the engine least biased in its better order; edge_rate, argmax_rate = {SAFETY} x "
+                "the largest honest share (edge: per engine and settings), at least the rule of three",
         "tolerances": tol,
         "observed": _describe(pooled),
         "engines": per_engine,
@@ -214,6 +228,58 @@ def early_stop_violation_rate(early_stops: int, answers: int) -> float:
         return per_stop
     per_answer = float(stats.beta.ppf(CONFIDENCE, early_stops + 1, answers - early_stops))
     return min(per_stop, per_answer)
+
+
+def _pooled(m: dict) -> dict:
+    """One engine's host-level (pooled) measures: the log-prob statistic's per-token mean
+    and standard error in each sampler order, its share of sampled tokens beyond the
+    support's edge per settings, its share of greedy tokens off the reference's argmax."""
+    out: dict = {}
+    if m["statistic"]:
+        a = np.array(m["statistic"], dtype=float)  # tokens, S per order (2), variance per order (2)
+        n = a[:, 0].sum()
+        if n > 0:
+            out["statistic_per_token"] = [round(float(v), 5) for v in a[:, 1:3].sum(0) / n]
+            out["statistic_se"] = [round(float(v), 5) for v in np.sqrt(a[:, 3:5].sum(0)) / n]
+            out["statistic_tokens"] = int(n)
+    edge: dict[str, list[int]] = {}
+    for key, tokens, beyond in m["edge"]:
+        edge.setdefault(key, [0, 0])
+        edge[key][0] += tokens
+        edge[key][1] += beyond
+    if edge:
+        out["edge"] = {k: {"tokens": t, "beyond": b} for k, (t, b) in edge.items()}
+    if m["argmax"]:
+        tokens, off = (int(v) for v in np.array(m["argmax"]).sum(0))
+        out["greedy_off_argmax"] = {"tokens": tokens, "off": off}
+    return out
+
+
+def pooled_tolerances(engines: dict[str, dict], sampled_tokens: int, greedy_tokens: int) -> dict[str, float]:
+    """The pooled evidence's tolerances (validator.reputation) from the engines' `_pooled`
+    measures. statistic_bias: per engine the order that fits it (the smaller |mean|: the
+    per-answer minimum over the orders picks it), SAFETY x that mean, never below two
+    standard errors (a smaller bias than that is not resolved by the calibration); the
+    largest over the engines. edge_rate: SAFETY x the largest share beyond the edge of any
+    engine at any settings (tokens beyond it cluster at narrow top-p). argmax_rate (reported
+    only): SAFETY x the largest share of greedy tokens off the argmax. Each rate at least
+    3 / tokens (the rule of three)."""
+    out: dict[str, float] = {}
+    bias = []
+    for e in engines.values():
+        if "statistic_per_token" in e:
+            o = int(np.argmin(np.abs(e["statistic_per_token"])))
+            bias.append(max(SAFETY * abs(e["statistic_per_token"][o]), 2 * e["statistic_se"][o]))
+    if bias:
+        out["statistic_bias"] = round(max(bias), 4)
+    shares = [g["beyond"] / g["tokens"] for e in engines.values() for g in e.get("edge", {}).values() if g["tokens"]]
+    if sampled_tokens:
+        out["edge_rate"] = round(min(0.5, max(3.0 / sampled_tokens, SAFETY * max(shares, default=0.0))), 6)
+    off = [e["greedy_off_argmax"]["off"] / e["greedy_off_argmax"]["tokens"] for e in engines.values()
+           if e.get("greedy_off_argmax", {}).get("tokens")]
+    if greedy_tokens:
+        out["argmax_rate"] = round(min(0.5, max(3.0 / greedy_tokens, SAFETY * max(off, default=0.0))), 6)
+    return out
 
 
 def _is_engine(host: str) -> bool:
