@@ -25,25 +25,34 @@ LAMBDAS = np.array(POOLED_LAMBDA_GRID)
 
 
 def _synthetic_answer(rng: np.random.Generator, temperature_used: float = 1.0, steps: int = 40,
-                      bias: float = 0.0, vocab: int = 12) -> dict:
+                      bias: float = 0.0, vocab: int = 12, slack: float | None = None,
+                      deterministic: float = 0.0, shift_per_sd: float = 0.0) -> dict:
     """One answer's pooled record: per step a random distribution q (the one the host was
-    asked to sample from), the token drawn from q sharpened or flattened by
-    `temperature_used` (1: honest), S and its exact log-MGF under q."""
-    s, psi = 0.0, np.zeros(len(LAMBDAS))
+    asked to sample from; a share `deterministic` of the steps keep one token), the token
+    drawn from q sharpened or flattened by `temperature_used` (1: honest), S and its exact
+    log-MGF under q. `bias`: a per-token slack (the older record); `slack`: the calibrated
+    bias per standard deviation, stored as the scorer does; `shift_per_sd`: an honest
+    engine's numeric bias, moving each step's X by that many of its standard deviations."""
+    s, psi, var, sd = 0.0, np.zeros(len(LAMBDAS)), 0.0, 0.0
     for _ in range(steps):
-        logits = rng.normal(0, 2.0, size=rng.integers(1, vocab + 1))
+        size = 1 if rng.random() < deterministic else rng.integers(1, vocab + 1)
+        logits = rng.normal(0, 2.0, size=size)
         logq = logits - np.logaddexp.reduce(logits)
         q = np.exp(logq)
         h = -(q * logq).sum()
+        v = max(float((q * (logq + h) ** 2).sum()), 0.0)
         used = logq / temperature_used
         used = np.exp(used - np.logaddexp.reduce(used))
         token = rng.choice(len(q), p=used)
-        s += logq[token] + h
+        s += logq[token] + h + shift_per_sd * math.sqrt(v)
+        var, sd = var + v, sd + math.sqrt(v)
         # log E_q[exp(l (log q + H))], the quantity the scorer computes on the device
         psi += np.logaddexp.reduce(logq[None, :] + LAMBDAS[:, None] * (logq[None, :] + h), axis=1)
     record = {"mode": "sampled", "tokens": steps, "s": [s, s], "psi": [psi.tolist(), psi.tolist()],
-              "var": [1.0, 1.0], "lambdas": list(POOLED_LAMBDA_GRID), "bias": bias,
+              "var": [var, var], "sd": [sd, sd], "lambdas": list(POOLED_LAMBDA_GRID), "bias": bias,
               "edge": {"tokens": steps, "beyond": 0, "rate": 0.01}}
+    if slack is not None:
+        record["slack"] = [slack * sd, slack * sd]
     return record
 
 
@@ -89,9 +98,35 @@ def test_two_sided_colder_and_hotter_sampling_both_accumulate(temperature_used):
     assert one[0] < math.log(100)
 
 
+def test_slack_absorbs_an_honest_shift_in_proportion_to_each_steps_spread():
+    """An honest engine whose X runs 0.1 standard deviations high at every step, tolerated
+    at 0.15 per standard deviation: never flagged over 400 answers; without the slack it is."""
+    rng = np.random.default_rng(4)
+    records = [_synthetic_answer(rng, steps=20, slack=0.15, shift_per_sd=0.1) for _ in range(400)]
+    assert pooled_log_evidence(records, "logprob").max() < math.log(1e4)
+    for r in records:
+        r["slack"] = [0.0, 0.0]
+    assert pooled_log_evidence(records, "logprob").max() >= math.log(1e4)
+
+
+def test_steps_that_keep_one_token_add_no_slack():
+    """Where most steps keep a single token (narrow top-p), the slack is only what the
+    other steps' spread allows: a colder sampler is flagged within 40 answers. A slack per
+    token of the same honest bias would charge every step and let it through."""
+    rng = np.random.default_rng(6)
+    colder = [_synthetic_answer(rng, 0.6, steps=30, slack=0.08, deterministic=0.5) for _ in range(40)]
+    assert pooled_log_evidence(colder, "logprob").max() >= math.log(1e4)
+    mean_sd = sum(r["sd"][0] for r in colder) / sum(r["tokens"] for r in colder)
+    for r in colder:
+        del r["slack"]
+        r["bias"] = 0.08 * 0.6  # the same slack per token where the average step's spread is 0.6 (SmolLM2's calibration)
+    assert mean_sd < 0.6 and pooled_log_evidence(colder, "logprob").max() < math.log(1e4)
+
+
 def test_bias_tolerance_absorbs_a_small_honest_shift():
-    """A per-token shift inside the tolerance never accumulates: an engine whose
-    statistic runs 0.1 nats per token high, tolerated at 0.15."""
+    """Scores stored with a per-token slack (`bias`) are read as they were: a per-token
+    shift inside it never accumulates: an engine whose statistic runs 0.1 nats per token
+    high, tolerated at 0.15."""
     rng = np.random.default_rng(4)
     records = [_synthetic_answer(rng, steps=20, bias=0.15) for _ in range(300)]
     for r in records:

@@ -65,6 +65,9 @@ def test_honest_engines_pooled_evidence_never_flags(honest_audit, honest_records
         mine = [line for line in lines if line["host"] == host]
         sampled = [line for line in mine if line["metrics"]["mode"] == "sampled"]
         assert sampled and all(line["metrics"]["pooled"]["mode"] == "sampled" for line in sampled)
+        # the slack per sampler order follows the steps' spread (none where every step kept one token)
+        assert all(len(line["metrics"]["pooled"]["slack"]) == 2 and min(line["metrics"]["pooled"]["slack"]) >= 0
+                   for line in sampled)
         standing, transition = assess("new", pooled_host_outcomes(mine))
         assert transition is None or transition.state_to != "flagged", (host, transition)
         assert abs(hosts[host]["pooled"]["statistic_z"]) < 3, (host, hosts[host]["pooled"])

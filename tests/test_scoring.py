@@ -68,7 +68,7 @@ def test_tolerances_come_from_the_committed_calibration(spec, tolerances):
     raw = json.loads(spec.calibration.read_text())
     assert tolerances.greedy_gap == raw["tolerances"]["greedy_gap"]
     # the pooled evidence's tolerances are calibrated too, not the built-in defaults
-    for key in ("statistic_bias", "edge_rate", "argmax_rate", "eos_rate"):
+    for key in ("statistic_slack", "edge_rate", "argmax_rate", "eos_rate"):
         assert getattr(tolerances, key) == raw["tolerances"][key] != getattr(Tolerances(), key), key
     assert "honest answers" in raw["summary"] and raw["command"].startswith("validator calibrate")
     assert "cheat" not in json.dumps(raw["engines"])  # calibrated on honest engines only
@@ -94,15 +94,15 @@ def test_pooled_tolerances_from_the_honest_engines_measures():
 
     engines = {
         # fits its second order (-0.001): two standard errors (0.02) is all it resolves
-        "a": {"statistic_per_token": [0.03, -0.001], "statistic_se": [0.01, 0.01],
+        "a": {"statistic_per_sd": [0.03, -0.001], "statistic_per_sd_se": [0.01, 0.01],
               "edge": {"0.7/50/0.5": {"tokens": 1000, "beyond": 6}, "1/0/0.95": {"tokens": 1000, "beyond": 0}},
               "greedy_off_argmax": {"tokens": 1000, "off": 20}},
         # fits its first order (0.02, well resolved): 2 x 0.02
-        "b": {"statistic_per_token": [0.02, 0.04], "statistic_se": [0.004, 0.004],
+        "b": {"statistic_per_sd": [0.02, 0.04], "statistic_per_sd_se": [0.004, 0.004],
               "edge": {"0.7/50/0.5": {"tokens": 500, "beyond": 1}}, "greedy_off_argmax": {"tokens": 1000, "off": 0}},
     }
     tol = pooled_tolerances(engines, 2500, 2000)
-    assert tol == {"statistic_bias": 0.04, "edge_rate": pytest.approx(2 * 6 / 1000), "argmax_rate": pytest.approx(2 * 20 / 1000)}
+    assert tol == {"statistic_slack": 0.04, "edge_rate": pytest.approx(2 * 6 / 1000), "argmax_rate": pytest.approx(2 * 20 / 1000)}
     # nothing beyond the edge, nothing off the argmax: the rule of three over the tokens
     quiet = {"c": {"edge": {"1/0/0.95": {"tokens": 3000, "beyond": 0}}, "greedy_off_argmax": {"tokens": 1500, "off": 0}}}
     assert pooled_tolerances(quiet, 3000, 1500) == {"edge_rate": 1e-3, "argmax_rate": 2e-3}

@@ -100,9 +100,10 @@ VALIDATOR_ERRORS = frozenset({"auth_failed"})
 #
 # - log-prob: per sampled answer the scorer stores S = sum_t X_t, X_t = log q_t(token) +
 #   H(q_t), and its exact log-MGF Psi(l) = sum_t log E_q[exp(l X_t)] on a grid of l of
-#   both signs, per sampler order. e(l) = exp(l S - Psi(l) - |l| b n) (n statistic tokens,
-#   b the calibrated per-token bias honest engines may show) has expectation at most 1
-#   under honest sampling from q (exactly 1 for b = 0), the smaller over the two orders
+#   both signs, per sampler order. e(l) = exp(l S - Psi(l) - |l| c D) (D the sum of the
+#   steps' standard deviations of X, c the calibrated bias per standard deviation honest
+#   engines may show) has expectation at most 1
+#   under honest sampling from q (exactly 1 for c = 0), the smaller over the two orders
 #   included; a product over answers is a test supermartingale for each l;
 # - edge: per sampled answer, k of n tokens beyond the top-k/top-p support's edge; under
 #   honesty each token is beyond it with probability at most r0 (calibrated), so
@@ -129,8 +130,14 @@ def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
     psi = np.asarray(record["psi"], dtype=float)
     if psi.shape != (len(s), len(lam)):
         raise ValueError("psi does not match s and lambdas")
-    slack = np.abs(lam) * float(record.get("bias", 0.0)) * int(record["tokens"])
-    return (lam * s - psi).min(axis=0) - slack  # the order that fits best
+    if "slack" in record:  # per order: the calibrated bias per standard deviation x the steps' spread
+        per_order = np.asarray(record["slack"], dtype=float)[:, None]
+        if per_order.shape != s.shape or (per_order < 0).any():
+            raise ValueError("slack does not match s")
+        slack = np.abs(lam) * per_order
+    else:  # scores stored with a per-token bias
+        slack = np.abs(lam) * float(record.get("bias", 0.0)) * int(record["tokens"])
+    return (lam * s - psi - slack).min(axis=0)  # the order that fits best
 
 
 def _binomial_log_e(n: int, k: int, r0: float) -> np.ndarray:

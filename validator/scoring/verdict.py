@@ -42,7 +42,7 @@ class Tolerances:
     support_rate: float = 1e-3  # honest support violations per sampled token
     eos_rate: float = 1e-2  # honest early-stop violations per answer
     # Host-level (pooled) evidence, validator.reputation's compliance e-processes:
-    statistic_bias: float = 0.05  # nats per token of the log-prob statistic's mean tolerated
+    statistic_slack: float = 0.08  # honest bias of the log-prob statistic, nats per standard deviation of a step
     edge_gap: float = 0.0  # nats below the support edge from which a sampled token counts as beyond it
     edge_rate: float = 1.5e-2  # honest sampled tokens beyond the edge (per token, upper bound)
     argmax_rate: float = 5e-2  # honest greedy tokens off the reference's argmax (per token)
@@ -257,7 +257,7 @@ def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.n
     fall beyond the support's edge by more than `edge_gap`."""
     f = al.feats
     low, high = LAMBDAS_LOW[::-1], LAMBDAS_HIGH
-    s_, psi, var = [], [], []
+    s_, psi, var, sd = [], [], [], []
     for o in range(2):
         clipped = np.maximum(tok_logp, f.boundary[idx, o])
         logq = clipped / settings.temperature - f.log_z[idx, o]
@@ -268,8 +268,11 @@ def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.n
         pos = f.mgf_high[idx, o].sum(0) + high * ent
         psi.append([round(float(v), 6) for v in np.concatenate([neg, pos])])
         var.append(round(float(f.variance[idx, o].sum()), 6))
-    return {"mode": "sampled", "tokens": int(len(idx)), "s": s_, "psi": psi, "var": var,
-            "bias": tol.statistic_bias,
+        sd.append(round(float(np.sqrt(np.maximum(f.variance[idx, o], 0.0)).sum()), 6))
+    return {"mode": "sampled", "tokens": int(len(idx)), "s": s_, "psi": psi, "var": var, "sd": sd,
+            # the slack per order: honest numeric bias scales with each step's spread
+            # (a step that keeps one token has X = 0 on every engine)
+            "slack": [round(tol.statistic_slack * v, 6) for v in sd],
             "lambdas": [float(v) for v in POOLED_LAMBDAS],
             "edge": {"tokens": int(len(support_gap)), "beyond": int((support_gap > tol.edge_gap).sum()),
                      "rate": tol.edge_rate}}

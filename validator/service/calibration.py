@@ -126,7 +126,7 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
             out["support_gap"] += [float(g) for g in np.maximum(edge - al.token_logp, 0.0)]
             out["sampled_tokens"][0] += n
             out["sampled_p"].append(score.metrics["components"]["statistic"])
-            out["statistic"].append([pooled["tokens"], *pooled["s"], *pooled["var"]])
+            out["statistic"].append([pooled["tokens"], *pooled["s"], *pooled["var"], *pooled["sd"]])
             out["edge"].append([f"{s.temperature:g}/{s.top_k}/{s.top_p:g}",
                                 pooled["edge"]["tokens"], pooled["edge"]["beyond"]])
         if not s.length_stop(n):
@@ -205,8 +205,8 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
         "rule": f"tolerance = max(floor {FLOORS}, {SAFETY} x largest honest value); "
                 "rate = 3 / honest observations (rule of three); eos_rate = the smaller of that "
                 f"per early stop and the {CONFIDENCE:.0%} upper bound on early stops per answer; "
-                f"statistic_bias = max({SAFETY} x |per-token mean of the statistic|, 2 standard errors) "
-                f"of the engine least biased in its better order; edge_rate, argmax_rate = {SAFETY} x "
+                f"statistic_slack = max({SAFETY} x |mean of the statistic per unit of its steps' standard "
+                "deviations|, 2 standard errors) in the order that fits each engine, the largest; edge_rate, argmax_rate = {SAFETY} x "
                 "the largest honest share (edge: per engine and settings), at least the rule of three",
         "tolerances": tol,
         "observed": _describe(pooled),
@@ -231,16 +231,19 @@ def early_stop_violation_rate(early_stops: int, answers: int) -> float:
 
 
 def _pooled(m: dict) -> dict:
-    """One engine's host-level (pooled) measures: the log-prob statistic's per-token mean
-    and standard error in each sampler order, its share of sampled tokens beyond the
+    """One engine's host-level (pooled) measures: the log-prob statistic's mean per token
+    and per unit of its steps' standard deviations (with its standard error) in each
+    sampler order, its share of sampled tokens beyond the
     support's edge per settings, its share of greedy tokens off the reference's argmax."""
     out: dict = {}
     if m["statistic"]:
-        a = np.array(m["statistic"], dtype=float)  # tokens, S per order (2), variance per order (2)
-        n = a[:, 0].sum()
-        if n > 0:
+        # per answer: tokens, then per order S, its variance, its steps' standard deviations summed
+        a = np.array(m["statistic"], dtype=float)
+        n, sd = a[:, 0].sum(), a[:, 5:7].sum(0)
+        if n > 0 and (sd > 0).all():
             out["statistic_per_token"] = [round(float(v), 5) for v in a[:, 1:3].sum(0) / n]
-            out["statistic_se"] = [round(float(v), 5) for v in np.sqrt(a[:, 3:5].sum(0)) / n]
+            out["statistic_per_sd"] = [round(float(v), 5) for v in a[:, 1:3].sum(0) / sd]
+            out["statistic_per_sd_se"] = [round(float(v), 5) for v in np.sqrt(a[:, 3:5].sum(0)) / sd]
             out["statistic_tokens"] = int(n)
     edge: dict[str, list[int]] = {}
     for key, tokens, beyond in m["edge"]:
@@ -257,7 +260,9 @@ def _pooled(m: dict) -> dict:
 
 def pooled_tolerances(engines: dict[str, dict], sampled_tokens: int, greedy_tokens: int) -> dict[str, float]:
     """The pooled evidence's tolerances (validator.reputation) from the engines' `_pooled`
-    measures. statistic_bias: per engine the order that fits it (the smaller |mean|: the
+    measures. statistic_slack: the statistic's honest bias per unit of standard deviation
+    (numeric noise moves a step's X in proportion to its spread; a step that keeps one
+    token has none): per engine in the order that fits it (the smaller |mean|: the
     per-answer minimum over the orders picks it), SAFETY x that mean, never below two
     standard errors (a smaller bias than that is not resolved by the calibration); the
     largest over the engines. edge_rate: SAFETY x the largest share beyond the edge of any
@@ -267,11 +272,11 @@ def pooled_tolerances(engines: dict[str, dict], sampled_tokens: int, greedy_toke
     out: dict[str, float] = {}
     bias = []
     for e in engines.values():
-        if "statistic_per_token" in e:
-            o = int(np.argmin(np.abs(e["statistic_per_token"])))
-            bias.append(max(SAFETY * abs(e["statistic_per_token"][o]), 2 * e["statistic_se"][o]))
+        if "statistic_per_sd" in e:
+            o = int(np.argmin(np.abs(e["statistic_per_sd"])))
+            bias.append(max(SAFETY * abs(e["statistic_per_sd"][o]), 2 * e["statistic_per_sd_se"][o]))
     if bias:
-        out["statistic_bias"] = round(max(bias), 4)
+        out["statistic_slack"] = round(max(bias), 4)
     shares = [g["beyond"] / g["tokens"] for e in engines.values() for g in e.get("edge", {}).values() if g["tokens"]]
     if sampled_tokens:
         out["edge_rate"] = round(min(0.5, max(3.0 / sampled_tokens, SAFETY * max(shares, default=0.0))), 6)
