@@ -31,7 +31,7 @@ MODEL = "gemma-3-270m"
 # nearly every answer and are flagged at their second probe; the re-quantised cheat
 # fails few answers, and the truncating cheat none: a truncated answer is one early stop
 # where the reference does not end, weak evidence on its own (p = the calibrated
-# eos_rate, 0.02: gemma-3-270m's honest answers never stop early), which the pooled
+# eos_rate, 0.007: gemma-3-270m's honest answers never stop early), which the pooled
 # termination process multiplies over the host's answers (the test prints each host's
 # verdicts and the reason it was flagged).
 PROBES_PER_HOST = 12
@@ -124,7 +124,7 @@ def test_gemma_demo_trusts_the_honest_and_flags_the_cheats(gemma_demo):
 
 def test_gemma_demo_flags_the_truncating_cheat_on_its_early_stops(gemma_demo):
     """Gemma-3 270M is a base model: its honest calibration answers never stopped early
-    (0 of 140), so the early-stop rate comes from the answers (about 3 / 140), not from
+    (0 of 420), so the early-stop rate comes from the answers (about 3 / 420), not from
     early stops (3 / 3 = 1, which made a cut-short answer no evidence and this cheat
     trusted). No single truncated answer fails; their early stops, pooled, flag it."""
     row = gemma_demo["rows"]["cheat-truncated"]

@@ -71,7 +71,7 @@ def default_engines(spec: ModelSpec) -> list[str]:
     (SDPA, batches of up to 32), float32 with eager attention, float32 in batches of 8
     and one request at a time (no padding), and llama.cpp where a GGUF exists (a hub or
     directory checkpoint has none). Gemma-3 270M on a busy 2-core CPU: 33 minutes of answering for 20 probes
-    (`--limit 10`), hours for the whole bank (docs/production.md, "Calibration")."""
+    (`--limit 10`), 78 minutes for 60 (`--limit 30`), hours for the whole bank (docs/production.md, "Calibration")."""
     return (["transformers-float32", "transformers-bfloat16", "transformers-float32-eager",
              "transformers-float32-batch8", "transformers-float32-batch1"]
             + (["llama.cpp"] if spec.is_gguf else []))
