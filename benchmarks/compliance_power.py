@@ -11,6 +11,8 @@ Hosts:
   32 requests with left padding, i.e. the "batched transformers" host; transformers
   bfloat16; llama.cpp on the GGUF; llama.cpp with whitespace stripped), each engine one
   host, greedy and sampled probes in their recorded order (`--honest-probes` at most);
+  and the same engines generating `--honest-live` sampled probes each ("live." hosts),
+  the run's settings taken in turn (fp32's batch is all its probes at once, left-padded);
 - deviations (validator/network/deviations.py) at several sizes: temperature offsets
   both ways, top-p widened, top-k ignored, top-k and top-p ignored at the asked
   temperature, a clamped temperature. One host configuration per size answers
@@ -177,6 +179,37 @@ class DaemonPath:
         return out
 
 
+class AnswerCache:
+    """Generated answers kept on disk (`--answers DIR`), one JSONL file per setting and
+    deviation size, each line a host's probe: a rerun generates only what is missing, so
+    a change to scoring or evidence is measured on the same answers."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, setting: str, key: str) -> Path:
+        return self.root / f"{setting}.{key}.jsonl"
+
+    def load(self, setting: str, key: str) -> dict[tuple[str, int], dict]:
+        if self.root is None or not self._file(setting, key).exists():
+            return {}
+        out = {}
+        with self._file(setting, key).open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                out[(row["host"], row["index"])] = row["record"]
+        return out
+
+    def add(self, setting: str, key: str, rows: dict[tuple[str, int], dict]) -> None:
+        if self.root is None or not rows:
+            return
+        with self._file(setting, key).open("a", encoding="utf-8") as f:
+            for (h, i), rec in rows.items():
+                f.write(json.dumps({"host": h, "index": i, "record": rec}) + "\n")
+
+
 def run_setting(name: str, configs: dict, sizes, args, registry, path: DaemonPath) -> dict:
     """Every deviation size at one setting: per round, one host configuration answers the
     round's probes of all its `hosts` still probed in one batched generation (the
@@ -185,23 +218,36 @@ def run_setting(name: str, configs: dict, sizes, args, registry, path: DaemonPat
     from validator.probing.probes import load_bank
 
     bank = load_bank("configs/prompts/general.yaml")
+    cache = AnswerCache(args.answers / f"max_tokens-{args.max_tokens}" if args.answers else None)
     out = {}
     for key, host, family, size in sizes:
         network = OfflineNetwork.of({key: host}, MODEL, registry)
         names = [f"{name}.{key}.{i}" for i in range(1, args.hosts + 1)]
         plan = {h: probes_for(h, args.probes, bank, configs, args.max_tokens) for h in names}
+        known = cache.load(name, key)
 
         def answers(active: list[str], start: int, stop: int) -> dict[str, list[dict]]:
-            # one batched generation for every active host's probes of this round
-            t0 = time.time()
-            records = network.records(key, [p for h in active for p in plan[h][start:stop]])
-            print(f"   {key}: {len(records)} answers generated in {time.time() - t0:.0f} s", flush=True)
-            return {h: records[i * (stop - start) : (i + 1) * (stop - start)] for i, h in enumerate(active)}
+            # one batched generation for every active host's probes of this round not on disk
+            missing = [(h, i) for h in active for i in range(start, stop) if (h, i) not in known]
+            if missing:
+                t0 = time.time()
+                records = network.records(key, [plan[h][i] for h, i in missing])
+                print(f"   {key}: {len(records)} answers generated in {time.time() - t0:.0f} s", flush=True)
+                fresh = dict(zip(missing, records))
+                cache.add(name, key, fresh)
+                known.update(fresh)
+            return {h: [known[(h, i)] for i in range(start, stop)] for h in active}
 
         for h, found in path.run(names, args.probes, answers, f"{name} {key}").items():
             out[h] = {"family": family, "size": size, "honest": False, **found}
         network.close()
     return out
+
+
+def _far_share(pooled: dict) -> float | None:
+    """Share of sampled tokens beyond the support's edge by more than 0.5 nats."""
+    far = pooled.get("edge_beyond_by_gap", {}).get("0.5")
+    return round(far / pooled["edge_tokens"], 5) if far is not None and pooled.get("edge_tokens") else None
 
 
 def summarise(result: dict) -> dict:
@@ -211,6 +257,7 @@ def summarise(result: dict) -> dict:
                               "flagged": r["flagged"], "failed_answers": r["verdicts"]["fail"],
                               "statistic_z": r["pooled"].get("statistic_z"),
                               "edge_share": r["pooled"].get("edge_share"),
+                              "edge_share_far": _far_share(r["pooled"]),
                               "greedy_off_argmax_share": r["pooled"].get("greedy_off_argmax_share"),
                               "log_e_max": {k: round(v["log_e_max"], 2) for k, v in r["processes"].items()}}
     for setting, hosts in result["settings"].items():
@@ -228,7 +275,8 @@ def summarise(result: dict) -> dict:
                 "leading": sorted({m["leading_process"] for m in members if m["leading_process"]}),
                 "failed_answers": sum(m["verdicts"]["fail"] for m in members),
                 "statistic_z": [m["pooled"].get("statistic_z") for m in members],
-                "edge_share": [m["pooled"].get("edge_share") for m in members]}
+                "edge_share": [m["pooled"].get("edge_share") for m in members],
+                "edge_share_far": [_far_share(m["pooled"]) for m in members]}
     return table
 
 
@@ -237,24 +285,28 @@ def markdown(result: dict) -> str:
     lines = [f"# Compliance power ({result['created']})", "", f"`{result['command']}`", "",
              f"At most {c['probes']} sampled probes per deviating host, rounds of {c['round_size']}, "
              f"max_tokens {c['max_tokens']}, {c['hosts']} hosts per deviation size; alpha 1e-4.", "",
-             "## Honest engines (recorded answers, tests/data/answers.jsonl)", "",
-             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge | greedy off argmax | max log R (answers, logprob, edge, termination) |",
+             "## Honest engines", "",
+             "Recorded answers (tests/data/answers.jsonl; greedy and sampled) and live hosts "
+             f"(\"live.\": {c.get('honest_live', 0)} sampled probes each, the settings below in turn).", "",
+             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge (by > 0.5 nats) | greedy off argmax | max log R (answers, logprob, edge, termination) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for h, r in result["summary"].get("honest", {}).items():
         m = r["log_e_max"]
         lines.append(f"| {h} | {r['probes']} | {r['sampled']} | {r['flagged']} | {r['failed_answers']} | "
-                     f"{r['statistic_z']} | {r['edge_share']} | {r['greedy_off_argmax_share']} | "
+                     f"{r['statistic_z']} | {r['edge_share']} ({r.get('edge_share_far')}) | {r['greedy_off_argmax_share']} | "
                      f"{m.get('answers')}, {m.get('logprob')}, {m.get('edge')}, {m.get('termination')} |")
     lines.append("")
     for setting, rows in result["summary"].items():
         if setting == "honest":
             continue
         lines += [f"## {setting}: {json.dumps(SETTINGS[setting])}", "",
-                  "| deviation | hosts | flagged | median probes | worst probes | led by | failed answers | pooled z per host | beyond edge per host |",
+                  "| deviation | hosts | flagged | median probes | worst probes | led by | failed answers | pooled z per host | beyond edge per host (by > 0.5 nats) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for key, r in rows.items():
             z = ", ".join(f"{v:+.1f}" for v in r["statistic_z"] if v is not None)
-            e = ", ".join(f"{v:.3f}" for v in r["edge_share"] if v is not None)
+            e = ", ".join(f"{v:.3f}" + (f" ({w:.3f})" if w is not None else "")
+                          for v, w in zip(r["edge_share"], r.get("edge_share_far", [None] * len(r["edge_share"])))
+                          if v is not None)
             lines.append(f"| {key} | {r['hosts']} | {r['flagged']} | {r['median'] if r['median'] is not None else '-'} | "
                          f"{r['worst'] if r['worst'] is not None else 'not all'} | {', '.join(r['leading'])} | "
                          f"{r['failed_answers']} | {z} | {e} |")
@@ -294,6 +346,43 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_honest_live(args, registry, path: DaemonPath, settings: list[str]) -> dict:
+    """The catalogue's honest engines answering `--honest-live` sampled probes each, the
+    settings taken in turn (a host serves every user's settings): generated once, all of
+    an engine's probes in one batched call, kept in the answer cache like the deviations'."""
+    from validator.models.sampling import Settings
+    from validator.network.catalogue import CATALOGUE, HONEST, OfflineNetwork
+    from validator.probing.probes import load_bank
+
+    bank = load_bank("configs/prompts/general.yaml")
+    cache = AnswerCache(args.answers / f"max_tokens-{args.max_tokens}" if args.answers else None)
+    sequences = {}
+    for engine in HONEST:
+        name = f"live.{engine}"
+        rng = random.Random(name)
+        order = list(range(len(bank)))
+        rng.shuffle(order)
+        plan = [(bank[order[i % len(order)]],
+                 Settings(**SETTINGS[settings[i % len(settings)]], max_tokens=args.max_tokens,
+                          seed=rng.randrange(2**31)))
+                for i in range(args.honest_live)]
+        known = cache.load("honest", engine)
+        missing = [i for i in range(args.honest_live) if (name, i) not in known]
+        if missing:
+            network = OfflineNetwork.of({engine: CATALOGUE[engine]}, MODEL, registry)
+            t0 = time.time()
+            fresh = {(name, i): r for i, r in zip(missing, network.records(engine, [plan[i] for i in missing]))}
+            print(f"   {engine}: {len(fresh)} answers generated in {time.time() - t0:.0f} s", flush=True)
+            cache.add("honest", engine, fresh)
+            known.update(fresh)
+            network.close()
+        sequences[name] = [known[(name, i)] for i in range(args.honest_live)]
+    found = path.run(sorted(sequences), args.honest_live,
+                     lambda active, a, b: {h: sequences[h][a:b] for h in active}, "honest live")
+    return {h: {"family": "honest", "size": None, "honest": True, "engine": h.removeprefix("live."),
+                "settings": settings, **v} for h, v in found.items()}
+
+
 def run_honest(args, path: DaemonPath) -> dict:
     sequences = honest_sequences(args.honest_answers, args.honest_probes)
     total = max(len(v) for v in sequences.values())
@@ -314,9 +403,13 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--honest-answers", type=Path, default=ROOT / "tests" / "data" / "answers.jsonl")
     parser.add_argument("--honest-probes", type=int, default=1000)
+    parser.add_argument("--honest-live", type=int, default=210,
+                        help="sampled probes per honest engine generated live, the settings in turn")
     parser.add_argument("--reduced", action="store_true",
                         help="40 probes, max_tokens 48: what 2 shared CPU cores allow in about an hour")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--answers", type=Path,
+                        help="keep the deviating hosts' generated answers here and reuse them on a rerun")
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args()
     if args.from_json:
@@ -344,9 +437,11 @@ def main() -> None:
                           "torch_threads": torch.get_num_threads()},
               "not_run": {k: sorted(v) for k, v in NO_EFFECT.items()},
               "config": {"probes": args.probes, "hosts": args.hosts, "round_size": args.round_size,
-                         "max_tokens": args.max_tokens, "model": MODEL},
+                         "max_tokens": args.max_tokens, "model": MODEL, "honest_live": args.honest_live},
               "settings": {}}
     result["honest"] = run_honest(args, path)
+    if args.honest_live:
+        result["honest"].update(run_honest_live(args, registry, path, args.settings.split(",")))
     write_outputs(result, args.out)
     for name in args.settings.split(","):
         print(f"setting {name}: {SETTINGS[name]}", flush=True)

@@ -89,6 +89,26 @@ def test_a_token_that_splits_a_word_re_segments_the_rest_of_it(ref):
     assert aligned.tokens == generated
 
 
+def test_a_split_word_whose_rest_the_tokenizer_writes_otherwise_is_refilled(ref):
+    """An honest bfloat16 transformers host (compliance_power.py's live honest hosts, at
+    1.0 / 40 / 0.8) wrote "unattable". The tokenizer writes " unatt" + "able", both 12-13
+    nats outside the support; proposing " un" filled the rest as the tokenizer would,
+    "att" + "able", which is outside too, so the proposal lost and the answer failed with
+    3 tokens up to 8.6 nats outside the support. The reference's likeliest segmentation,
+    " un" + "at" + "table" (log-probs -3.9, -2.7, -2.6), is what the engine emitted."""
+    messages = [{"role": "user", "content": "What is the hardest natural substance?"}]
+    text = ("The hardest natural substance on Earth, despite being an unattable exception, is not a "
+            "substance itself, but rather an extremely complex and delicate entity.")
+    settings = Settings(temperature=1.0, top_k=40, top_p=0.8, max_tokens=48)
+    aligned = Aligner(ref).align([AlignItem(ref.prompt_ids(messages), text, settings, support_tolerance=3.26)])[0]
+    pieces = [ref.table.bytes[t].decode() for t in aligned.tokens]
+    assert ref.tokenizer.decode(ref.canonical_ids(" unattable")) == " unattable"
+    assert [ref.tokenizer.decode([t]) for t in ref.canonical_ids(text)][10:12] == [" unatt", "able"]
+    assert pieces[10:13] == [" un", "at", "table"], pieces[8:14]
+    edge = aligned.feats.boundary[: len(aligned.tokens)].min(axis=-1)
+    assert (aligned.token_logp >= edge - 3.26).all()
+
+
 def test_stripped_whitespace_is_implied_not_penalised(ref, honest_records):
     """Honest answers that end in whitespace, as an API that strips it returns them."""
     records = [r for host, recs in honest_records.items() if "stripped" not in host for r in recs

@@ -17,8 +17,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from validator.reputation import (POOLED, HostRule, Outcome, POOLED_LAMBDA_GRID, ReputationConfig, assess,
-                                  host_verdict, pooled_log_evidence)
+from validator.reputation import (EDGE_GAPS, POOLED, HostRule, Outcome, POOLED_LAMBDA_GRID, ReputationConfig,
+                                  assess, host_verdict, pooled_log_evidence)
+from validator.scoring import verdict
 from validator.scoring.verdict import POOLED_LAMBDAS
 
 LAMBDAS = np.array(POOLED_LAMBDA_GRID)
@@ -58,6 +59,7 @@ def _synthetic_answer(rng: np.random.Generator, temperature_used: float = 1.0, s
 
 def test_the_scorer_and_the_reputation_share_one_grid():
     assert list(POOLED_LAMBDAS) == list(POOLED_LAMBDA_GRID)
+    assert verdict.EDGE_GAPS == EDGE_GAPS and len(verdict.Tolerances().edge_rate) == len(EDGE_GAPS)
     assert (LAMBDAS < 0).any() and (LAMBDAS > 0).any()  # both tails: two-sided
 
 
@@ -145,6 +147,34 @@ def test_edge_process_counts_tokens_beyond_the_support():
     assert pooled_log_evidence(widened, "edge").max() >= math.log(1e4)
 
 
+def _graded(beyond: list[int], tokens: int = 40) -> dict:
+    # calibrated-like rates: honest rounding crosses the edge by a little, rarely by more
+    return {"mode": "sampled", "edge": {"tokens": tokens, "gaps": list(EDGE_GAPS), "beyond": beyond,
+                                        "rate": [0.015, 0.007, 0.002, 0.001, 0.001]}}
+
+
+def test_edge_evidence_per_gap_sees_tokens_far_beyond_the_edge():
+    """A host ignoring top-k/top-p puts 1 token in 40 well beyond the edge: counted at the
+    edge alone that is barely above the honest rate (0.015) and stays far from 1/alpha;
+    beyond 0.5 nats, where the honest rate is 15 times smaller, 40 answers cross 1/alpha
+    (with the pooled weight 0.05). Honest rounding (tokens just beyond the edge, at half
+    its calibrated rate) accumulates nothing over 2,000 answers."""
+    far = [_graded([1, 1, 1, 1, 1 if i % 2 else 0]) for i in range(40)]
+    assert pooled_log_evidence(far, "edge").max() >= math.log(1e4 / 0.05)
+    at_edge_only = [{"mode": "sampled", "edge": {"tokens": 40, "beyond": 1, "rate": 0.015}} for _ in range(40)]
+    assert pooled_log_evidence(at_edge_only, "edge").max() < math.log(20)
+    rng = np.random.default_rng(5)
+    honest = [_graded([int(k)] + [0] * 4) for k in rng.binomial(40, 0.0075, size=2000)]
+    assert pooled_log_evidence(honest, "edge").max() < math.log(1e4)
+
+
+def test_edge_counts_at_other_gaps_add_nothing():
+    """Counts made at gaps this code does not know cannot be read against its rates."""
+    other = {"mode": "sampled", "edge": {"tokens": 40, "gaps": [0.0, 0.2, 0.4, 0.8, 1.6],
+                                         "beyond": [40] * 5, "rate": [0.01] * 5}}
+    assert (pooled_log_evidence([other] * 10, "edge") < 0).all()
+
+
 def test_records_that_cannot_be_read_add_nothing():
     bad = [None, {"mode": "greedy", "tokens": 5}, {"mode": "sampled"}, {"mode": "sampled", "s": "x"},
            {"mode": "sampled", "lambdas": [1.0], "s": [1, 1], "psi": [[0], [0]], "tokens": 3},
@@ -186,6 +216,18 @@ def test_reputation_flags_a_host_that_cuts_answers_short_and_says_why():
     assert transition.evidence["pooled"]["termination_violations"] == transition.evidence["probes"]
     summary = host_verdict([1.0] * 10, ["pass"] * 10, HostRule(), pooled=[_ending(1) for _ in range(10)])
     assert summary["verdict"] == "dishonest" and summary["evidence"]["termination"]["p_value"] < 1e-4 / 20
+
+
+def test_reputation_flags_tokens_far_beyond_the_edge_and_says_how_far():
+    far = [_graded([2, 2, 2, 1, 1]) for _ in range(40)]
+    _, transition = assess("new", _outcomes(far))
+    assert transition is not None and transition.evidence["leading_process"] == "edge"
+    n = transition.evidence["probes"]
+    assert f"{2 * n} of {40 * n} sampled tokens, {n} of them by more than 0.5 nats" in transition.reason
+    assert transition.evidence["pooled"]["edge_beyond_by_gap"] == {"0": 2 * n, "0.1": 2 * n, "0.25": 2 * n,
+                                                                   "0.5": n, "1": n}
+    summary = host_verdict([1.0] * 40, ["pass"] * 40, HostRule(), pooled=far)
+    assert summary["verdict"] == "dishonest" and summary["evidence"]["edge"]["p_value"] < 1e-4 / 20
 
 
 def _outcomes(records: list[dict | None], p: float = 1.0) -> list[Outcome]:

@@ -69,7 +69,9 @@ def test_tolerances_come_from_the_committed_calibration(spec, tolerances):
     assert tolerances.greedy_gap == raw["tolerances"]["greedy_gap"]
     # the pooled evidence's tolerances are calibrated too, not the built-in defaults
     for key in ("statistic_slack", "edge_rate", "argmax_rate", "eos_rate"):
-        assert getattr(tolerances, key) == raw["tolerances"][key] != getattr(Tolerances(), key), key
+        value = raw["tolerances"][key]
+        expected = tuple(value) if isinstance(value, list) else value  # edge_rate: one rate per gap
+        assert getattr(tolerances, key) == expected != getattr(Tolerances(), key), key
     assert "honest answers" in raw["summary"] and raw["command"].startswith("validator calibrate")
     assert "cheat" not in json.dumps(raw["engines"])  # calibrated on honest engines only
     assert Tolerances.from_file(None).source.startswith("built-in")
@@ -95,17 +97,22 @@ def test_pooled_tolerances_from_the_honest_engines_measures():
     engines = {
         # fits its second order (-0.001): two standard errors (0.02) is all it resolves
         "a": {"statistic_per_sd": [0.03, -0.001], "statistic_per_sd_se": [0.01, 0.01],
-              "edge": {"0.7/50/0.5": {"tokens": 1000, "beyond": 6}, "1/0/0.95": {"tokens": 1000, "beyond": 0}},
+              "edge": {"0.7/50/0.5": {"tokens": 1000, "beyond": [6, 3, 1, 0, 0]},
+                       "1/0/0.95": {"tokens": 1000, "beyond": [0, 0, 0, 0, 0]}},
               "greedy_off_argmax": {"tokens": 1000, "off": 20}},
         # fits its first order (0.02, well resolved): 2 x 0.02
         "b": {"statistic_per_sd": [0.02, 0.04], "statistic_per_sd_se": [0.004, 0.004],
-              "edge": {"0.7/50/0.5": {"tokens": 500, "beyond": 1}}, "greedy_off_argmax": {"tokens": 1000, "off": 0}},
+              "edge": {"0.7/50/0.5": {"tokens": 500, "beyond": [1, 1, 1, 0, 0]}},
+              "greedy_off_argmax": {"tokens": 1000, "off": 0}},
     }
     tol = pooled_tolerances(engines, 2500, 2000)
-    assert tol == {"statistic_slack": 0.04, "edge_rate": pytest.approx(2 * 6 / 1000), "argmax_rate": pytest.approx(2 * 20 / 1000)}
+    # per gap, the largest share of any engine at any settings: "a" at the edge and beyond
+    # 0.1 nats, "b" beyond 0.25 (1 of 500), nobody beyond 0.5: the rule of three over all tokens
+    assert tol == {"statistic_slack": 0.04, "argmax_rate": pytest.approx(2 * 20 / 1000),
+                   "edge_rate": pytest.approx([2 * 6 / 1000, 2 * 3 / 1000, 2 / 500, 3 / 2500, 3 / 2500])}
     # nothing beyond the edge, nothing off the argmax: the rule of three over the tokens
-    quiet = {"c": {"edge": {"1/0/0.95": {"tokens": 3000, "beyond": 0}}, "greedy_off_argmax": {"tokens": 1500, "off": 0}}}
-    assert pooled_tolerances(quiet, 3000, 1500) == {"edge_rate": 1e-3, "argmax_rate": 2e-3}
+    quiet = {"c": {"edge": {"1/0/0.95": {"tokens": 3000, "beyond": [0] * 5}}, "greedy_off_argmax": {"tokens": 1500, "off": 0}}}
+    assert pooled_tolerances(quiet, 3000, 1500) == {"edge_rate": [1e-3] * 5, "argmax_rate": 2e-3}
 
 
 def test_fisher_and_host_rule():

@@ -122,6 +122,9 @@ POOLED = ("logprob", "edge", "termination")
 POOLED_LAMBDA_GRID = (-1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02,
                       0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 RATE_MULTIPLES = np.array([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])  # alternative rates r = m * r0
+# Gaps (nats beyond the support's edge) of the edge counts (validator.scoring.verdict.EDGE_GAPS;
+# a test keeps them equal).
+EDGE_GAPS = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 
 def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
@@ -149,9 +152,21 @@ def _binomial_log_e(n: int, k: int, r0: float) -> np.ndarray:
     return k * np.log(r / r0) + (n - k) * (np.log1p(-r) - math.log1p(-r0))
 
 
+def _edge_counts(edge: Mapping[str, Any]) -> tuple[int, list[int], list[float]]:
+    """Sampled tokens, those beyond the edge by more than each of EDGE_GAPS, the honest
+    rate at each. A record with one count (scored before the gaps) counts it at every gap."""
+    n, beyond, rate = int(edge["tokens"]), edge["beyond"], edge["rate"]
+    if not isinstance(beyond, list):
+        beyond, rate = [beyond] * len(EDGE_GAPS), [rate] * len(EDGE_GAPS)
+    elif list(edge.get("gaps", ())) != list(EDGE_GAPS) or len(beyond) != len(rate):
+        raise ValueError("edge counts at other gaps")
+    return n, [int(k) for k in beyond], [float(r) for r in rate]
+
+
 def _edge_log_e(record: Mapping[str, Any]) -> np.ndarray:
-    edge = record["edge"]
-    return _binomial_log_e(int(edge["tokens"]), int(edge["beyond"]), float(edge["rate"]))
+    """[gaps x rates]: per gap, k of n tokens beyond the edge by more than it."""
+    n, beyond, rate = _edge_counts(record["edge"])
+    return np.concatenate([_binomial_log_e(n, k, r) for k, r in zip(beyond, rate)])
 
 
 def _termination_log_e(record: Mapping[str, Any]) -> np.ndarray:
@@ -167,7 +182,8 @@ def pooled_log_e(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.n
     """[grid, answers]: each answer's log e-value per grid point of process `kind`
     (0 where an answer has no record of that kind, or an unreadable one: skipping an
     answer for what it is, not for its evidence, keeps the bound)."""
-    size = len(POOLED_LAMBDA_GRID) if kind == "logprob" else len(RATE_MULTIPLES)
+    size = {"logprob": len(POOLED_LAMBDA_GRID), "edge": len(EDGE_GAPS) * len(RATE_MULTIPLES),
+            "termination": len(RATE_MULTIPLES)}[kind]
     out = np.zeros((size, len(records)))
     one = _ONE_ANSWER[kind]
     for i, rec in enumerate(records):
@@ -198,8 +214,8 @@ def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any
     sampled answers (order fitting best: the larger variance-normalised |S| is not used,
     the smaller is), tokens beyond the edge, greedy tokens off the reference's argmax,
     answers that ended where the reference does not."""
-    sampled = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "sampled"
-               and "var" in r and "s" in r]
+    every_sampled = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "sampled"]
+    sampled = [r for r in every_sampled if "var" in r and "s" in r]
     greedy = [r for r in records if isinstance(r, Mapping) and r.get("mode") == "greedy"]
     out: dict[str, Any] = {"sampled_answers": len(sampled), "greedy_answers": len(greedy)}
     ends = [r["termination"] for r in records if isinstance(r, Mapping)
@@ -213,12 +229,20 @@ def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any
         z = np.where(var > 0, s / np.sqrt(np.maximum(var, 1e-12)), 0.0)
         best = int(np.argmin(np.abs(z)))
         tokens = sum(int(r.get("tokens", 0)) for r in sampled)
-        edge_n = sum(int(r["edge"]["tokens"]) for r in sampled if "edge" in r)
-        edge_k = sum(int(r["edge"]["beyond"]) for r in sampled if "edge" in r)
         out.update({"statistic_tokens": tokens, "statistic_z": round(float(z[best]), 3),
-                    "statistic_per_token": round(float(s[best] / tokens), 5) if tokens else None,
-                    "edge_tokens": edge_n, "edge_beyond": edge_k,
-                    "edge_share": round(edge_k / edge_n, 5) if edge_n else None})
+                    "statistic_per_token": round(float(s[best] / tokens), 5) if tokens else None})
+    edge_n, by_gap = 0, np.zeros(len(EDGE_GAPS), dtype=int)
+    for r in every_sampled:
+        try:
+            n, beyond, _ = _edge_counts(r["edge"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        edge_n, by_gap = edge_n + n, by_gap + np.asarray(beyond, dtype=int)
+    if edge_n:
+        out.update({"edge_tokens": edge_n, "edge_beyond": int(by_gap[0]),
+                    "edge_beyond_by_gap": {f"{g:g}": int(k) for g, k in zip(EDGE_GAPS, by_gap)},
+                    "edge_share": round(int(by_gap[0]) / edge_n, 5)})
+
     if greedy:
         n = sum(int(r.get("tokens", 0)) for r in greedy)
         k = sum(int(r.get("off_argmax", 0)) for r in greedy)
@@ -526,7 +550,9 @@ class _Honesty:
                           "tokens less likely than the requested settings give (hotter sampling, or "
                           "another model)"),
             "edge": f"mostly tokens beyond the top-k/top-p support's edge: {pooled.get('edge_beyond', 0)} of "
-                    f"{pooled.get('edge_tokens', 0)} sampled tokens (top-k/top-p wider than asked, or ignored)",
+                    f"{pooled.get('edge_tokens', 0)} sampled tokens, "
+                    f"{pooled.get('edge_beyond_by_gap', {}).get('0.5', 0)} of them by more than 0.5 nats "
+                    "(top-k/top-p wider than asked, or ignored)",
             "termination": f"mostly answers ending where the reference does not end: "
                            f"{pooled.get('termination_violations', 0)} of {pooled.get('termination_answers', 0)} "
                            "answers (cut short)",

@@ -86,6 +86,7 @@ class _State:
     passes: int = 0
     pending: Path | None = None
     pending_step: int = 0
+    pending_refilled: bool = False  # the pending proposal is a refill of one that lost (_refill)
     compare: tuple[int, int] = (0, 0)
     tried: set = field(default_factory=set)
     rejected: int = 0
@@ -163,7 +164,7 @@ class Aligner:
                     s.reject_budget = MAX_REJECTED + 3 if count <= 2 else MAX_REJECTED
             need = []
             for s in states:
-                if not s.done and not s.complete_from:
+                if not s.done and not s.complete_from and s.pending is None:
                     self._walk(s)
                 if s.pending is not None or s.complete_from:
                     need.append(s)
@@ -386,25 +387,26 @@ class Aligner:
             return len(data) - start
         return 0  # pure whitespace the API stripped
 
-    def _propose(self, s: _State, i: int, token: int) -> None:
-        """The path with `token` at step i, rejoining the current path at its next token
-        boundary, so the two differ only locally and later steps keep their own walk."""
+    def _propose(self, s: _State, i: int, token: int, then: Sequence[int] = ()) -> None:
+        """The path with `token` (and the tokens `then`) from step i, rejoining the
+        current path at its next token boundary, so the two differ only locally and later
+        steps keep their own walk."""
         path = s.path
         start = path.ends[i - 1] if i else 0
         covered = self._covered(s.data, start, token)
-        new_end = start + covered
+        new_end = start + covered + sum(len(self.table.bytes[t]) for t in then)
         if covered == 0:
             fill, rejoin = [], i  # the current path resumes right after the new token
         else:
             rejoin = next(j for j in range(i, len(path.tokens)) if path.ends[j] >= new_end) + 1
             greedy = s.item.settings.greedy
-            fill = self._canonical(s.data[new_end : path.ends[rejoin - 1]], greedy)
+            fill = list(then) + self._canonical(s.data[new_end : path.ends[rejoin - 1]], greedy)
             if new_end < path.ends[rejoin - 1] and rejoin < len(path.tokens):
                 # The new token splits one of the path's: the piece it leaves is a word's
                 # fragment, which the tokenizer joins to what follows (" al" + "gunas" is
                 # "gun" + "as", not "g" + "unas"). Re-segment through the next token when
                 # that differs from keeping the old boundary.
-                joined = self._canonical(s.data[new_end : path.ends[rejoin]], greedy)
+                joined = list(then) + self._canonical(s.data[new_end : path.ends[rejoin]], greedy)
                 if joined != fill + [path.tokens[rejoin]]:
                     fill, rejoin = joined, rejoin + 1
         tokens = path.tokens[:i] + [token]
@@ -413,6 +415,7 @@ class Aligner:
         s.pending = self._make_path(s.item, s.data, tokens, ends, fill + path.tokens[rejoin:], s.memo,
                                     head=path.cands[:i], tail=tail)
         s.pending_step = i
+        s.pending_refilled = bool(then)
         # Compare the two paths up to and including the first token after they rejoin.
         s.compare = (i + 1 + len(fill) + 1, rejoin + 1)
         s.branches += 1
@@ -425,10 +428,37 @@ class Aligner:
             s.path, s.past = s.pending, past
             if new_stop <= len(s.path.tokens):
                 s.complete_from = new_stop  # its steps from here on come in the next pass
+        elif self._refill(s):
+            return  # the same proposal with another fill is pending
         else:
             s.rejected += 1
         s.pending = None
         s.step = i  # look at this step again: another untried alternative may fit better
+
+    def _refill(self, s: _State) -> bool:
+        """A proposal that splits a word fills the rest of it as the tokenizer would,
+        which is not always what the engine emitted (" un" + "at" + "table" where the
+        tokenizer writes " un" + "att" + "able"): when the proposal lost on a suspicious
+        token of its own fill, propose it once more with that token's likeliest
+        alternative that ends elsewhere, if the reference finds it likelier."""
+        p, i, item = s.pending, s.pending_step, s.item
+        stop = s.compare[0] - 1  # the fill's steps are i + 1 .. stop - 1
+        if s.pending_refilled or s.branches >= MAX_BRANCHES or stop <= i + 1:
+            return False
+        steps = slice(i + 1, stop)
+        measured = measure(p.feats, steps, slice(None), item.settings, item.support_tolerance)
+        for j in np.flatnonzero(troubled(p.feats, steps, item.settings)) + i + 1:
+            start = p.ends[j - 1]
+            m = measured[j - i - 1, : len(p.cands[j])]
+            for c in np.argsort(-m[1:]) + 1:
+                if m[c] <= m[0] + BRANCH_MARGIN:
+                    break
+                tb = self.table.bytes[p.cands[j][c]]
+                if tb and s.data.startswith(tb, start) and start + len(tb) != p.ends[j]:
+                    self._propose(s, i, p.tokens[i], then=p.tokens[i + 1 : j] + [p.cands[j][c]])
+                    return True
+            return False  # only the first suspicious token of the fill
+        return False
 
     def _cost(self, path: Path, start: int, stop: int, item: AlignItem) -> float:
         """Cost of steps [start, stop) of a path; step len(tokens) is the stop itself."""

@@ -31,6 +31,14 @@ from validator.models.sampling import ORDERS, Settings
 from validator.scoring.tokens import TokenTable
 
 
+# Distances (nats of the reference's log-prob below the top-k/top-p support's edge) at
+# which the pooled edge evidence counts sampled tokens beyond the edge. An honest engine's
+# rounding moves a token across the edge by a little, mostly at a narrow top-p; a host
+# that ignores top-k/top-p samples tokens far beyond it too. Each gap has its own
+# calibrated honest rate (Tolerances.edge_rate).
+EDGE_GAPS = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """Calibrated on honest engines (`validator calibrate`); never tuned on cheaters."""
@@ -43,8 +51,9 @@ class Tolerances:
     eos_rate: float = 1e-2  # honest early-stop violations per answer
     # Host-level (pooled) evidence, validator.reputation's compliance e-processes:
     statistic_slack: float = 0.08  # honest bias of the log-prob statistic, nats per standard deviation of a step
-    edge_gap: float = 0.0  # nats below the support edge from which a sampled token counts as beyond it
-    edge_rate: float = 1.5e-2  # honest sampled tokens beyond the edge (per token, upper bound)
+    # honest sampled tokens beyond the support's edge by more than each of EDGE_GAPS nats
+    # (per token, upper bounds); a single number: that rate at every gap
+    edge_rate: tuple[float, ...] = (1.5e-2, 7e-3, 2.5e-3, 2.5e-3, 2.5e-3)
     argmax_rate: float = 5e-2  # honest greedy tokens off the reference's argmax (per token)
     source: str = "built-in defaults (uncalibrated)"
 
@@ -53,7 +62,12 @@ class Tolerances:
         if not path or not Path(path).exists():
             return cls()
         raw = json.loads(Path(path).read_text())
-        tol = raw["tolerances"]
+        tol = dict(raw["tolerances"])
+        if "edge_rate" in tol:
+            rate = tol["edge_rate"]
+            tol["edge_rate"] = tuple(float(r) for r in rate) if isinstance(rate, list) else (float(rate),) * len(EDGE_GAPS)
+            if len(tol["edge_rate"]) != len(EDGE_GAPS):
+                raise ValueError(f"{path}: edge_rate needs one rate per gap {EDGE_GAPS}")
         return cls(**{k: tol[k] for k in cls.__dataclass_fields__ if k in tol},
                    source=f"{Path(path).name} ({raw.get('summary', 'calibrated')})")
 
@@ -253,29 +267,33 @@ def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.n
                    tok_logp: np.ndarray, support_gap: np.ndarray) -> dict[str, Any]:
     """What a sampled answer adds to its host's pooled evidence (validator.reputation):
     per sampler order the statistic S and its exact log-MGF Psi(lambda) = sum over the
-    statistic's steps of log E_q[exp(lambda X_t)] on POOLED_LAMBDAS, and how many tokens
-    fall beyond the support's edge by more than `edge_gap`."""
+    statistic's steps of log E_q[exp(lambda X_t)] on POOLED_LAMBDAS; how many tokens fall
+    beyond the support's edge by more than each of EDGE_GAPS."""
     f = al.feats
-    low, high = LAMBDAS_LOW[::-1], LAMBDAS_HIGH
-    s_, psi, var, sd = [], [], [], []
-    for o in range(2):
-        clipped = np.maximum(tok_logp, f.boundary[idx, o])
-        logq = clipped / settings.temperature - f.log_z[idx, o]
-        ent = f.entropy[idx, o].sum()
-        s_.append(round(float((logq + f.entropy[idx, o]).sum()), 6))
+
+    def statistic(steps: np.ndarray, token_logp: np.ndarray, o: int) -> dict[str, Any]:
+        low, high = LAMBDAS_LOW[::-1], LAMBDAS_HIGH
+        clipped = np.maximum(token_logp, f.boundary[steps, o])
+        logq = clipped / settings.temperature - f.log_z[steps, o]
+        ent = f.entropy[steps, o].sum()
         # X = log q + H: log E[e^{-l X}] = log E[q^-l] - l H, log E[e^{l X}] = log E[q^l] + l H
-        neg = f.mgf_low[idx, o][:, ::-1].sum(0) - low * ent
-        pos = f.mgf_high[idx, o].sum(0) + high * ent
-        psi.append([round(float(v), 6) for v in np.concatenate([neg, pos])])
-        var.append(round(float(f.variance[idx, o].sum()), 6))
-        sd.append(round(float(np.sqrt(np.maximum(f.variance[idx, o], 0.0)).sum()), 6))
-    return {"mode": "sampled", "tokens": int(len(idx)), "s": s_, "psi": psi, "var": var, "sd": sd,
-            # the slack per order: honest numeric bias scales with each step's spread
-            # (a step that keeps one token has X = 0 on every engine)
-            "slack": [round(tol.statistic_slack * v, 6) for v in sd],
+        neg = f.mgf_low[steps, o][:, ::-1].sum(0) - low * ent
+        pos = f.mgf_high[steps, o].sum(0) + high * ent
+        sd = float(np.sqrt(np.maximum(f.variance[steps, o], 0.0)).sum())
+        return {"s": round(float((logq + f.entropy[steps, o]).sum()), 6),
+                "psi": [round(float(v), 6) for v in np.concatenate([neg, pos])],
+                "var": round(float(f.variance[steps, o].sum()), 6), "sd": round(sd, 6),
+                # honest numeric bias scales with each step's spread (a step that keeps
+                # one token has X = 0 on every engine)
+                "slack": round(tol.statistic_slack * sd, 6)}
+
+    orders = [statistic(idx, tok_logp, o) for o in range(2)]
+    return {"mode": "sampled", "tokens": int(len(idx)),
+            **{k: [o[k] for o in orders] for k in ("s", "psi", "var", "sd", "slack")},
             "lambdas": [float(v) for v in POOLED_LAMBDAS],
-            "edge": {"tokens": int(len(support_gap)), "beyond": int((support_gap > tol.edge_gap).sum()),
-                     "rate": tol.edge_rate}}
+            "edge": {"tokens": int(len(support_gap)), "gaps": list(EDGE_GAPS),
+                     "beyond": [int((support_gap > g).sum()) for g in EDGE_GAPS],
+                     "rate": list(tol.edge_rate)}}
 
 
 def _summary(metrics: dict, settings: Settings, tol: Tolerances) -> str:

@@ -30,7 +30,7 @@ from validator.probing.probes import greedy_and_sampled, load_bank, load_mix
 from validator.scoring.reference import ReferenceModel
 from validator.models.registry import ModelSpec, Registry
 from validator.models.sampling import Settings
-from validator.scoring.verdict import Tolerances, VerdictRule, score_answer
+from validator.scoring.verdict import EDGE_GAPS, Tolerances, VerdictRule, score_answer
 
 SAFETY = 2.0
 CONFIDENCE = 0.95  # of every upper bound on an honest rate (the rule of three's)
@@ -128,7 +128,7 @@ def measure(ref: ReferenceModel, records: list[dict], tol: Tolerances) -> dict[s
             out["sampled_p"].append(score.metrics["components"]["statistic"])
             out["statistic"].append([pooled["tokens"], *pooled["s"], *pooled["var"], *pooled["sd"]])
             out["edge"].append([f"{s.temperature:g}/{s.top_k}/{s.top_p:g}",
-                                pooled["edge"]["tokens"], pooled["edge"]["beyond"]])
+                                pooled["edge"]["tokens"], *pooled["edge"]["beyond"]])
         if not s.length_stop(n):
             out["early_stops"][0] += 1
             final = f.max_logp[n] if s.greedy else f.boundary[n].min()
@@ -177,7 +177,8 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
         m = measured[name] = measure(ref, recs, base)
         per_engine[name] = _describe(m)
         for k, v in m.items():
-            pooled[k] = pooled.get(k, []) + v
+            if k not in ("statistic", "edge", "argmax"):  # per answer, read per engine (_pooled)
+                pooled[k] = pooled.get(k, []) + v
     for k in ("greedy_tokens", "sampled_tokens", "early_stops"):
         pooled[k] = [sum(pooled[k])]
     tol = {
@@ -206,8 +207,9 @@ def calibrate(spec: ModelSpec, prompts_path: str | Path, engine_names: list[str]
                 "rate = 3 / honest observations (rule of three); eos_rate = the smaller of that "
                 f"per early stop and the {CONFIDENCE:.0%} upper bound on early stops per answer; "
                 f"statistic_slack = max({SAFETY} x |mean of the statistic per unit of its steps' standard "
-                "deviations|, 2 standard errors) in the order that fits each engine, the largest; edge_rate, argmax_rate = {SAFETY} x "
-                "the largest honest share (edge: per engine and settings), at least the rule of three",
+                "deviations|, 2 standard errors) in the order that fits each engine, the largest; edge_rate (per gap "
+                f"{list(EDGE_GAPS)}), argmax_rate = {SAFETY} x the largest honest share (edge: per engine and "
+                "settings), at least the rule of three",
         "tolerances": tol,
         "observed": _describe(pooled),
         "engines": per_engine,
@@ -234,7 +236,8 @@ def _pooled(m: dict) -> dict:
     """One engine's host-level (pooled) measures: the log-prob statistic's mean per token
     and per unit of its steps' standard deviations (with its standard error) in each
     sampler order, its share of sampled tokens beyond the
-    support's edge per settings, its share of greedy tokens off the reference's argmax."""
+    support's edge per settings (by more than each of EDGE_GAPS), its share of greedy tokens
+    off the reference's argmax."""
     out: dict = {}
     if m["statistic"]:
         # per answer: tokens, then per order S, its variance, its steps' standard deviations summed
@@ -245,13 +248,11 @@ def _pooled(m: dict) -> dict:
             out["statistic_per_sd"] = [round(float(v), 5) for v in a[:, 1:3].sum(0) / sd]
             out["statistic_per_sd_se"] = [round(float(v), 5) for v in np.sqrt(a[:, 3:5].sum(0)) / sd]
             out["statistic_tokens"] = int(n)
-    edge: dict[str, list[int]] = {}
-    for key, tokens, beyond in m["edge"]:
-        edge.setdefault(key, [0, 0])
-        edge[key][0] += tokens
-        edge[key][1] += beyond
+    edge: dict[str, np.ndarray] = {}
+    for key, *counts in m["edge"]:  # tokens, then beyond the edge by more than each gap
+        edge[key] = edge.get(key, np.zeros(1 + len(EDGE_GAPS), dtype=int)) + np.asarray(counts, dtype=int)
     if edge:
-        out["edge"] = {k: {"tokens": t, "beyond": b} for k, (t, b) in edge.items()}
+        out["edge"] = {k: {"tokens": int(v[0]), "beyond": [int(b) for b in v[1:]]} for k, v in edge.items()}
     if m["argmax"]:
         tokens, off = (int(v) for v in np.array(m["argmax"]).sum(0))
         out["greedy_off_argmax"] = {"tokens": tokens, "off": off}
@@ -265,8 +266,9 @@ def pooled_tolerances(engines: dict[str, dict], sampled_tokens: int, greedy_toke
     token has none): per engine in the order that fits it (the smaller |mean|: the
     per-answer minimum over the orders picks it), SAFETY x that mean, never below two
     standard errors (a smaller bias than that is not resolved by the calibration); the
-    largest over the engines. edge_rate: SAFETY x the largest share beyond the edge of any
-    engine at any settings (tokens beyond it cluster at narrow top-p). argmax_rate (reported
+    largest over the engines. edge_rate, per gap of EDGE_GAPS: SAFETY x the largest share
+    beyond the edge by more than that gap of any engine at any settings (tokens beyond it
+    cluster at narrow top-p, and most lie just beyond it). argmax_rate (reported
     only): SAFETY x the largest share of greedy tokens off the argmax. Each rate at least
     3 / tokens (the rule of three)."""
     out: dict[str, float] = {}
@@ -277,9 +279,11 @@ def pooled_tolerances(engines: dict[str, dict], sampled_tokens: int, greedy_toke
             bias.append(max(SAFETY * abs(e["statistic_per_sd"][o]), 2 * e["statistic_per_sd_se"][o]))
     if bias:
         out["statistic_slack"] = round(max(bias), 4)
-    shares = [g["beyond"] / g["tokens"] for e in engines.values() for g in e.get("edge", {}).values() if g["tokens"]]
+    shares = np.array([np.asarray(g["beyond"], dtype=float) / g["tokens"] for e in engines.values()
+                       for g in e.get("edge", {}).values() if g["tokens"]]).reshape(-1, len(EDGE_GAPS))
     if sampled_tokens:
-        out["edge_rate"] = round(min(0.5, max(3.0 / sampled_tokens, SAFETY * max(shares, default=0.0))), 6)
+        largest = shares.max(axis=0) if len(shares) else np.zeros(len(EDGE_GAPS))
+        out["edge_rate"] = [round(float(min(0.5, max(3.0 / sampled_tokens, SAFETY * v))), 6) for v in largest]
     off = [e["greedy_off_argmax"]["off"] / e["greedy_off_argmax"]["tokens"] for e in engines.values()
            if e.get("greedy_off_argmax", {}).get("tokens")]
     if greedy_tokens:
