@@ -84,15 +84,16 @@ def deviation_sizes(families: dict, all_sizes: bool) -> list[tuple[str, dict, st
     return out
 
 
-def probes_for(name: str, n: int, bank, configs: dict, max_tokens: int):
-    """n sampled probes: a prompt order and seeds of their own (independent trials)."""
+def probes_for(seed: str, n: int, bank, configs: list[dict], max_tokens: int):
+    """n sampled probes, the settings `configs` taken in turn: a prompt order and seeds of
+    their own, drawn from `seed` (independent trials)."""
     from validator.models.sampling import Settings
 
-    rng = random.Random(f"{name}/{json.dumps(configs, sort_keys=True)}")
+    rng = random.Random(seed)
     order = list(range(len(bank)))
     rng.shuffle(order)
     return [(bank[order[i % len(order)]],
-             Settings(**configs, max_tokens=max_tokens, seed=rng.randrange(2**31)))
+             Settings(**configs[i % len(configs)], max_tokens=max_tokens, seed=rng.randrange(2**31)))
             for i in range(n)]
 
 
@@ -181,7 +182,7 @@ class DaemonPath:
 
 class AnswerCache:
     """Generated answers kept on disk (`--answers DIR`), one JSONL file per setting and
-    deviation size, each line a host's probe: a rerun generates only what is missing, so
+    deviation size (and per live honest engine), each line a host's probe: a rerun generates only what is missing, so
     a change to scoring or evidence is measured on the same answers."""
 
     def __init__(self, root: Path | None):
@@ -209,6 +210,23 @@ class AnswerCache:
             for (h, i), rec in rows.items():
                 f.write(json.dumps({"host": h, "index": i, "record": rec}) + "\n")
 
+    def answers(self, setting: str, key: str, known: dict, wanted: dict, generate) -> dict:
+        """The records of the `wanted` probes ((host, index) -> (prompt, settings)): those
+        in `known` that answer that very probe, the rest generated in one call
+        (`generate(probes) -> records`) and kept."""
+        def same(rec: dict, probe) -> bool:
+            prompt, settings = probe
+            return rec["messages"] == prompt.messages and rec["configs"] == settings.as_configs()
+
+        missing = [k for k, probe in wanted.items() if k not in known or not same(known[k], probe)]
+        if missing:
+            t0 = time.time()
+            fresh = dict(zip(missing, generate([wanted[k] for k in missing])))
+            print(f"   {key}: {len(fresh)} answers generated in {time.time() - t0:.0f} s", flush=True)
+            self.add(setting, key, fresh)
+            known.update(fresh)
+        return {k: known[k] for k in wanted}
+
 
 def run_setting(name: str, configs: dict, sizes, args, registry, path: DaemonPath) -> dict:
     """Every deviation size at one setting: per round, one host configuration answers the
@@ -223,20 +241,15 @@ def run_setting(name: str, configs: dict, sizes, args, registry, path: DaemonPat
     for key, host, family, size in sizes:
         network = OfflineNetwork.of({key: host}, MODEL, registry)
         names = [f"{name}.{key}.{i}" for i in range(1, args.hosts + 1)]
-        plan = {h: probes_for(h, args.probes, bank, configs, args.max_tokens) for h in names}
+        plan = {h: probes_for(f"{h}/{json.dumps(configs, sort_keys=True)}", args.probes, bank, [configs],
+                              args.max_tokens) for h in names}
         known = cache.load(name, key)
 
         def answers(active: list[str], start: int, stop: int) -> dict[str, list[dict]]:
             # one batched generation for every active host's probes of this round not on disk
-            missing = [(h, i) for h in active for i in range(start, stop) if (h, i) not in known]
-            if missing:
-                t0 = time.time()
-                records = network.records(key, [plan[h][i] for h, i in missing])
-                print(f"   {key}: {len(records)} answers generated in {time.time() - t0:.0f} s", flush=True)
-                fresh = dict(zip(missing, records))
-                cache.add(name, key, fresh)
-                known.update(fresh)
-            return {h: [known[(h, i)] for i in range(start, stop)] for h in active}
+            got = cache.answers(name, key, known, {(h, i): plan[h][i] for h in active for i in range(start, stop)},
+                                lambda probes: network.records(key, probes))
+            return {h: [got[(h, i)] for i in range(start, stop)] for h in active}
 
         for h, found in path.run(names, args.probes, answers, f"{name} {key}").items():
             out[h] = {"family": family, "size": size, "honest": False, **found}
@@ -350,7 +363,6 @@ def run_honest_live(args, registry, path: DaemonPath, settings: list[str]) -> di
     """The catalogue's honest engines answering `--honest-live` sampled probes each, the
     settings taken in turn (a host serves every user's settings): generated once, all of
     an engine's probes in one batched call, kept in the answer cache like the deviations'."""
-    from validator.models.sampling import Settings
     from validator.network.catalogue import CATALOGUE, HONEST, OfflineNetwork
     from validator.probing.probes import load_bank
 
@@ -359,24 +371,13 @@ def run_honest_live(args, registry, path: DaemonPath, settings: list[str]) -> di
     sequences = {}
     for engine in HONEST:
         name = f"live.{engine}"
-        rng = random.Random(name)
-        order = list(range(len(bank)))
-        rng.shuffle(order)
-        plan = [(bank[order[i % len(order)]],
-                 Settings(**SETTINGS[settings[i % len(settings)]], max_tokens=args.max_tokens,
-                          seed=rng.randrange(2**31)))
-                for i in range(args.honest_live)]
-        known = cache.load("honest", engine)
-        missing = [i for i in range(args.honest_live) if (name, i) not in known]
-        if missing:
-            network = OfflineNetwork.of({engine: CATALOGUE[engine]}, MODEL, registry)
-            t0 = time.time()
-            fresh = {(name, i): r for i, r in zip(missing, network.records(engine, [plan[i] for i in missing]))}
-            print(f"   {engine}: {len(fresh)} answers generated in {time.time() - t0:.0f} s", flush=True)
-            cache.add("honest", engine, fresh)
-            known.update(fresh)
-            network.close()
-        sequences[name] = [known[(name, i)] for i in range(args.honest_live)]
+        plan = probes_for(name, args.honest_live, bank, [SETTINGS[s] for s in settings], args.max_tokens)
+        network = OfflineNetwork.of({engine: CATALOGUE[engine]}, MODEL, registry)  # loads on first use
+        got = cache.answers("honest", engine, cache.load("honest", engine),
+                            {(name, i): probe for i, probe in enumerate(plan)},
+                            lambda probes: network.records(engine, probes))
+        network.close()
+        sequences[name] = [got[(name, i)] for i in range(args.honest_live)]
     found = path.run(sorted(sequences), args.honest_live,
                      lambda active, a, b: {h: sequences[h][a:b] for h in active}, "honest live")
     return {h: {"family": "honest", "size": None, "honest": True, "engine": h.removeprefix("live."),
@@ -409,7 +410,7 @@ def main() -> None:
                         help="40 probes, max_tokens 48: what 2 shared CPU cores allow in about an hour")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--answers", type=Path,
-                        help="keep the deviating hosts' generated answers here and reuse them on a rerun")
+                        help="keep the generated answers (deviating and live honest hosts) here and reuse them on a rerun")
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args()
     if args.from_json:
