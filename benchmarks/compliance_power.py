@@ -289,7 +289,8 @@ def summarise(result: dict) -> dict:
                 "failed_answers": sum(m["verdicts"]["fail"] for m in members),
                 "statistic_z": [m["pooled"].get("statistic_z") for m in members],
                 "edge_share": [m["pooled"].get("edge_share") for m in members],
-                "edge_share_far": [_far_share(m["pooled"]) for m in members]}
+                "edge_share_far": [_far_share(m["pooled"]) for m in members],
+                "alternative_best": [m["pooled"].get("alternative_best") for m in members]}
     return table
 
 
@@ -301,20 +302,21 @@ def markdown(result: dict) -> str:
              "## Honest engines", "",
              "Recorded answers (tests/data/answers.jsonl; greedy and sampled) and live hosts "
              f"(\"live.\": {c.get('honest_live', 0)} sampled probes each, the settings below in turn).", "",
-             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge (by > 0.5 nats) | greedy off argmax | max log R (answers, logprob, edge, termination) |",
+             "| engine | probes | sampled | flagged | failed answers | pooled z | beyond edge (by > 0.5 nats) | greedy off argmax | max log R (answers, logprob, edge, termination, alternatives) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for h, r in result["summary"].get("honest", {}).items():
         m = r["log_e_max"]
         lines.append(f"| {h} | {r['probes']} | {r['sampled']} | {r['flagged']} | {r['failed_answers']} | "
                      f"{r['statistic_z']} | {r['edge_share']} ({r.get('edge_share_far')}) | {r['greedy_off_argmax_share']} | "
-                     f"{m.get('answers')}, {m.get('logprob')}, {m.get('edge')}, {m.get('termination')} |")
+                     f"{m.get('answers')}, {m.get('logprob')}, {m.get('edge')}, {m.get('termination')}, "
+                     f"{m.get('alternatives')} |")
     lines.append("")
     for setting, rows in result["summary"].items():
         if setting == "honest":
             continue
         lines += [f"## {setting}: {json.dumps(SETTINGS[setting])}", "",
-                  "| deviation | hosts | flagged | median probes | worst probes | led by | failed answers | pooled z per host | beyond edge per host (by > 0.5 nats) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| deviation | hosts | flagged | median probes | worst probes | led by | failed answers | pooled z per host | beyond edge per host (by > 0.5 nats) | best-fitting alternative (first host) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in rows.items():
             z = ", ".join(f"{v:+.1f}" for v in r["statistic_z"] if v is not None)
             e = ", ".join(f"{v:.3f}" + (f" ({w:.3f})" if w is not None else "")
@@ -322,7 +324,7 @@ def markdown(result: dict) -> str:
                           if v is not None)
             lines.append(f"| {key} | {r['hosts']} | {r['flagged']} | {r['median'] if r['median'] is not None else '-'} | "
                          f"{r['worst'] if r['worst'] is not None else 'not all'} | {', '.join(r['leading'])} | "
-                         f"{r['failed_answers']} | {z} | {e} |")
+                         f"{r['failed_answers']} | {z} | {e} | {(r.get('alternative_best') or [None])[0] or '-'} |")
         lines.append("")
     return "\n".join(lines)
 

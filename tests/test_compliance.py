@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from validator.reputation import (EDGE_GAPS, POOLED, HostRule, Outcome, POOLED_LAMBDA_GRID, ReputationConfig,
-                                  assess, host_verdict, pooled_log_evidence)
-from validator.scoring import verdict
+from validator.reputation import (ALTERNATIVE_COUNT, EDGE_GAPS, POOLED, HostRule, Outcome, POOLED_LAMBDA_GRID,
+                                  ReputationConfig, assess, host_verdict, pooled_log_evidence)
+from validator.scoring import alternatives, verdict
 from validator.scoring.verdict import POOLED_LAMBDAS
 
 LAMBDAS = np.array(POOLED_LAMBDA_GRID)
@@ -182,11 +182,14 @@ def test_records_that_cannot_be_read_add_nothing():
            {"mode": "greedy", "termination": {"answers": 1, "violations": 1, "rate": 1.0}},
            {"mode": "greedy", "termination": {"answers": 1, "violations": 2, "rate": 0.01}},
            {"mode": "sampled", "termination": "cut"}]
-    assert set(POOLED) == {"logprob", "edge", "termination"}
+    bad += [{"mode": "sampled", "alternatives": {"settings": "0.7/50/0.5", "log_e": [[1.0] * 3] * 2}},
+            {"mode": "sampled", "alternatives": {"settings": "0.7/50/0.5", "log_e": [[math.nan] * ALTERNATIVE_COUNT] * 2}},
+            {"mode": "sampled", "alternatives": "hot"}]
+    assert set(POOLED) == {"logprob", "edge", "termination", "alternatives"}
     for kind in POOLED:
         log_r = pooled_log_evidence(bad, kind)
         # each answer only adds its change-point weight: R_n = sum_{s<=n} w_s < 1
-        assert (log_r < 0).all() and len(log_r) == len(bad)
+        assert (log_r <= 0).all() and len(log_r) == len(bad)
 
 
 def _ending(violations: int, rate: float = 0.02, mode: str = "greedy") -> dict:
@@ -305,6 +308,102 @@ def test_deviations_are_registered_and_reject_unknown_options():
         _strategy("top-p-widened", widen=0.1, top_k=3)
 
 
+# ------------------------------------------------------------------ explicit alternatives
+
+def _step_features(logp, asked):
+    """The scorer's per-step features of a batch of rows (validator.scoring.reference's
+    reduction), as numpy: the asked settings' boundaries and normalisers per order, and
+    the alternatives'."""
+    import torch
+
+    from validator.scoring.reference import ReferenceModel
+
+    cap = asked.top_k if 0 < asked.top_k < logp.shape[-1] else logp.shape[-1]
+    stats = ReferenceModel._support_stats(logp, asked, cap, cap)
+    stats.update(alternatives.alternative_stats(logp, asked, stats["boundary"]))
+    return {k: v.numpy() for k, v in stats.items() if isinstance(v, torch.Tensor)}
+
+
+def _honest_distribution(logp_row: np.ndarray, asked, order: int) -> np.ndarray:
+    """q over the vocabulary for one order (validator.models.sampling's definition)."""
+    idx = np.argsort(-logp_row)
+    top = logp_row[idx]
+    k = asked.top_k if 0 < asked.top_k < len(top) else len(top)
+    scale = 1.0 / asked.temperature if order == 0 else 1.0
+    cut = np.exp(top[:k] * scale - np.logaddexp.reduce(top[:k] * scale))
+    n = max(1, int(((np.cumsum(cut) - cut) < asked.top_p).sum())) if asked.top_p < 1 else k
+    q = np.zeros_like(logp_row)
+    kept = top[:n] / asked.temperature
+    q[idx[:n]] = np.exp(kept - np.logaddexp.reduce(kept))
+    return q
+
+
+@pytest.mark.parametrize("asked", [(0.7, 50, 0.5), (0.8, 20, 0.9), (1.0, 40, 0.8), (0.3, 0, 0.95), (1.2, 5, 1.0)])
+def test_each_alternatives_e_value_has_expectation_at_most_one_under_either_order(asked):
+    """Exact expectation, every token weighed by its honest probability: for each step,
+    honest order and alternative, E_q[e] <= 1 (the e-process's validity), and the
+    alternatives that apply are not trivially 1 (the check could fail)."""
+    import torch
+
+    from validator.models.sampling import Settings
+
+    t, k, p = asked
+    settings = Settings(temperature=t, top_k=k, top_p=p)
+    rng = np.random.default_rng(7)
+    logits = torch.tensor(rng.normal(0, 2.5, size=(6, 300)))
+    logp = torch.log_softmax(logits, -1)
+    f = _step_features(logp, settings)
+    r0 = 0.002
+    moved = 0
+    for step in range(logp.shape[0]):
+        row = logp[step].numpy()
+        for order in range(2):
+            q = _honest_distribution(row, settings, order)
+            tokens = np.flatnonzero(q > 0)
+            one = {k: v[step : step + 1].repeat(len(tokens), 0) for k, v in f.items()}
+            per_token = np.stack([alternatives.answer_log_e(
+                row[[tok]], settings, one["boundary"][:1], one["log_z"][:1], one["alt_boundary"][:1],
+                one["alt_log_z"][:1], one["alt_beyond"][:1], r0)[order] for tok in tokens])  # [tokens, A]
+            expectation = (q[tokens, None] * np.exp(per_token)).sum(0)
+            assert (expectation <= 1 + 1e-6).all(), (step, order, expectation.max())
+            moved += int((np.abs(per_token) > 1e-3).any())
+    assert moved > 0
+
+
+def test_alternatives_grid_is_the_reputations():
+    from validator.models.sampling import ALTERNATIVES, Settings, alternative_settings
+
+    assert len(ALTERNATIVES) == ALTERNATIVE_COUNT
+    default = Settings(temperature=0.7, top_k=50, top_p=0.5)
+    assert all(alternative_settings(a, default) is not None for a in ALTERNATIVES if a[2] > -0.4)
+    assert alternative_settings(("transformers", "temperature", -0.4), Settings(temperature=0.3)) is None
+    assert alternative_settings(("llama.cpp", "top_k", 0), Settings(top_k=0)) is None
+
+
+def _alternative_record(log_e_per_order: list[list[float]], settings: str = "0.7/50/0.5") -> dict:
+    return {"mode": "sampled", "alternatives": {"settings": settings, "log_e": log_e_per_order}}
+
+
+def test_alternatives_need_one_order_to_explain_every_answer_at_a_settings():
+    """Answers each explained by one order or the other, alternating: per-answer evidence
+    would see nothing, the per-order processes see both orders fail (and flag); evidence
+    against one order only never accumulates; settings multiply."""
+    hot = [0.0] * ALTERNATIVE_COUNT
+    hot[6] = 1.5  # fits "transformers temperature +0.25" better than either order
+    only_one = [[2.0] * ALTERNATIVE_COUNT, hot]
+    against_tf = [_alternative_record([[2.0] * ALTERNATIVE_COUNT, [-0.5] * ALTERNATIVE_COUNT]) for _ in range(40)]
+    assert pooled_log_evidence(against_tf, "alternatives").max() < 0
+    both = [_alternative_record(only_one) for _ in range(40)]
+    log_r = pooled_log_evidence(both, "alternatives")
+    assert log_r[-1] > math.log(1e4 / 0.05)
+    split = [_alternative_record(only_one, s) for s in ("0.7/50/0.5", "0.8/20/0.9") for _ in range(20)]
+    assert pooled_log_evidence(split, "alternatives")[-1] == pytest.approx(
+        2 * pooled_log_evidence(both[:20], "alternatives")[-1])
+    from validator.reputation import pooled_summary
+
+    assert pooled_summary(both)["alternative_best"] == "transformers temperature +0.25"
+
+
 # ------------------------------------------------------------------ real answers
 
 def pooled_host_outcomes(lines: list[dict]) -> list[Outcome]:
@@ -342,3 +441,32 @@ def test_real_deviations_are_flagged_by_pooled_evidence(host, registry, ref):
     assert hosts["deviant"]["verdict"] == "dishonest", hosts["deviant"]
     _, transition = assess("new", pooled_host_outcomes(lines))
     assert transition is not None and transition.state_to == "flagged"
+
+
+def test_a_host_sampling_between_the_orders_is_flagged_by_the_alternatives(registry, ref):
+    """A host 0.25 hotter than the API's default (0.7/50/0.5) in transformers' order, its
+    answers recorded by compliance_power.py (the fp32 engine): each answer fits one of
+    the two honest orders, so the answers, the log-prob statistic and the edge counts see
+    nothing; the explicit alternatives do, within 30 sampled probes, in the audit and the
+    daemon's reputation alike, and say which alternative fits."""
+    from pathlib import Path
+
+    from validator.service.audit import run_audit
+    from validator.service.scorer import Scorer
+
+    path = Path(__file__).parent.parent / "benchmarks/data/compliance_answers/max_tokens-48/default.temperature-hotter_0.25.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    records = [dict(r["record"], host="hotter") for r in rows if r["host"].endswith(".3")][:30]
+    assert len(records) == 30 and {json.dumps(r["configs"]["temperature"]) for r in records} == {"0.7"}
+    lines, hosts = run_audit((json.dumps(r) for r in records), Scorer(registry, models={"smollm2-135m": ref}),
+                             rerun=False)
+    assert all(line["verdict"] != "fail" for line in lines)
+    evidence = hosts["hotter"]["evidence"]
+    assert hosts["hotter"]["verdict"] == "dishonest", evidence
+    assert evidence["alternatives"]["p_value"] / evidence["alternatives"]["weight"] < 1e-4
+    for process in ("logprob", "edge"):  # what could not see it
+        assert evidence[process]["p_value"] / evidence[process]["weight"] > 1e-2, evidence
+    assert hosts["hotter"]["pooled"]["alternative_best"].startswith("transformers temperature +")
+    standing, transition = assess("new", pooled_host_outcomes(lines))
+    assert transition is not None and transition.state_to == "flagged"
+    assert transition.evidence["leading_process"] == "alternatives"

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from validator.reputation import (
-    STATES, InvalidTransition, Outcome, ReputationConfig, assess, disable, enable,
+    POOLED, STATES, InvalidTransition, Outcome, ReputationConfig, assess, disable, enable,
     log_e_values, log_evidence, release,
 )
 
@@ -77,11 +77,13 @@ def test_assess_runs_the_same_evidence_as_the_simulation():
     assert answers["log_e"] == pytest.approx(log_r[-1])
     assert answers["log_e_max"] == pytest.approx(log_r.max())
     # The host's evidence mixes the answers' process with the pooled ones (which these
-    # outcomes, without pooled records, leave at their change-point weights).
+    # outcomes, without pooled records, leave at their change-point weights, or at 1
+    # for the alternatives, whose processes start with a settings' first record).
     w = DEFAULT.pooled_weight
-    pooled = standing.evidence["processes"]["logprob"]["log_e"]
+    pooled = [standing.evidence["processes"][k]["log_e"] for k in POOLED]
+    assert standing.evidence["processes"]["alternatives"]["log_e"] == 0.0
     assert standing.evidence["log_e"] == pytest.approx(
-        np.logaddexp(math.log(1 - w) + log_r[-1], math.log(w) + pooled))
+        np.logaddexp.reduce([math.log(1 - w) + log_r[-1], *(math.log(w / len(POOLED)) + v for v in pooled)]))
     assert standing.evidence["probes_scored"] == 3000
     assert transition is None and standing.state == "trusted"
 

@@ -82,6 +82,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from validator.models.sampling import ALTERNATIVES, alternative_name
 from validator.store import STATES, VERDICTS
 
 
@@ -112,12 +113,21 @@ VALIDATOR_ERRORS = frozenset({"auth_failed"})
 #   reference does not end; under honesty at most r0 (the calibrated eos_rate) per answer,
 #   the same binomial e-value with n = 1. A truncating host stops early on most answers,
 #   each only weak evidence on its own (p = r0).
+# - alternatives: per sampled answer and per sampler order, the likelihood ratio of each
+#   explicit alternative (validator.scoring.alternatives: a hotter or colder temperature,
+#   top-p wider, top-k ignored, in either order) to the honest distribution, hedged so that
+#   its expectation under honest sampling is at most 1. A host that samples between the
+#   two orders (0.25 hotter at top-p 0.5) is explained by one order or the other answer by
+#   answer, never by one order throughout: so this process takes, per settings asked, each
+#   order's process over all of the host's answers at those settings and the smaller of
+#   the two (an honest host serves one settings with one engine, so one sampler order),
+#   and multiplies those over the settings.
 # Each process is a mixture over its grid (uniform weights) and, as the answers'
 # evidence, over the answer at which a deviation began (w_s = 1/(s(s+1))): its log is
 # `pooled_log_evidence`. Answers without a record (greedy ones for logprob and edge,
 # unscored, older scores) contribute e = 1.
 
-POOLED = ("logprob", "edge", "termination")
+POOLED = ("logprob", "edge", "termination", "alternatives")
 # The scorer's grid of l (validator.scoring.verdict.POOLED_LAMBDAS; a test keeps them equal).
 POOLED_LAMBDA_GRID = (-1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02,
                       0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -125,6 +135,7 @@ RATE_MULTIPLES = np.array([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])  # alternative rate
 # Gaps (nats beyond the support's edge) of the edge counts (validator.scoring.verdict.EDGE_GAPS;
 # a test keeps them equal).
 EDGE_GAPS = (0.0, 0.1, 0.25, 0.5, 1.0)
+ALTERNATIVE_COUNT = len(ALTERNATIVES)  # explicit alternatives per answer (validator.scoring.alternatives)
 
 
 def _logprob_log_e(record: Mapping[str, Any]) -> np.ndarray:
@@ -200,11 +211,49 @@ def pooled_log_e(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.n
     return out
 
 
+def _alternatives(record: Mapping[str, Any]) -> tuple[str, np.ndarray]:
+    alt = record["alternatives"]
+    log_e = np.asarray(alt["log_e"], dtype=float)
+    if log_e.shape != (2, ALTERNATIVE_COUNT) or not np.isfinite(log_e).all():
+        raise ValueError("alternatives do not match the grid")
+    return str(alt["settings"]), log_e
+
+
+def _alternatives_log_evidence(records: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
+    """The alternatives process after each answer: per settings asked and per order, the
+    change-point mixture of each alternative over the answers at those settings, the
+    uniform mixture over the alternatives, the smaller over the orders; summed (a product
+    of processes) over the settings, each at its latest answer."""
+    groups: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or rec.get("mode") != "sampled" or "alternatives" not in rec:
+            continue
+        try:
+            key, log_e = _alternatives(rec)
+        except (KeyError, TypeError, ValueError):
+            continue
+        at, values = groups.setdefault(key, ([], []))
+        at.append(i)
+        values.append(log_e)
+    total = np.zeros(len(records))
+    for at, values in groups.values():
+        per_answer = np.stack(values)  # [answers, orders, alternatives]
+        curves = [np.logaddexp.reduce(log_evidence(per_answer[:, o, :].T), axis=0) - math.log(ALTERNATIVE_COUNT)
+                  for o in range(2)]
+        curve = np.minimum(*curves)
+        ends = at[1:] + [len(records)]
+        for start, stop, value in zip(at, ends, curve):
+            total[start:stop] += value
+    return total
+
+
 def pooled_log_evidence(records: Sequence[Mapping[str, Any] | None], kind: str) -> np.ndarray:
     """log of process `kind` after each answer: the change-point mixture per grid point,
     then the uniform mixture over the grid. Ville: P(ever >= 1/alpha) <= alpha."""
     if not len(records):
         return np.zeros(0)
+    if kind == "alternatives":
+        return _alternatives_log_evidence(records)
     per_grid = log_evidence(pooled_log_e(records, kind))
     return np.logaddexp.reduce(per_grid, axis=0) - math.log(per_grid.shape[0])
 
@@ -243,12 +292,35 @@ def pooled_summary(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any
                     "edge_beyond_by_gap": {f"{g:g}": int(k) for g, k in zip(EDGE_GAPS, by_gap)},
                     "edge_share": round(int(by_gap[0]) / edge_n, 5)})
 
+    best = _best_alternative(every_sampled)
+    if best is not None:
+        out.update({"alternative_best": best[0], "alternative_log_e": best[1], "alternative_settings": best[2]})
     if greedy:
         n = sum(int(r.get("tokens", 0)) for r in greedy)
         k = sum(int(r.get("off_argmax", 0)) for r in greedy)
         out.update({"greedy_tokens": n, "greedy_off_argmax": k,
                     "greedy_off_argmax_share": round(k / n, 5) if n else None})
     return out
+
+
+def _best_alternative(sampled: Sequence[Mapping[str, Any]]) -> tuple[str, float, str] | None:
+    """The explicit alternative that fits the host's answers best, for a person: per
+    settings asked, the summed log e-values of each alternative in the order that explains
+    the answers better (the smaller best), the largest over the settings."""
+    sums: dict[str, np.ndarray] = {}
+    for r in sampled:
+        try:
+            key, log_e = _alternatives(r)
+        except (KeyError, TypeError, ValueError):
+            continue
+        sums[key] = sums.get(key, 0.0) + log_e
+    best = None
+    for key, total in sums.items():
+        o = int(np.argmin(total.max(axis=1)))
+        a = int(np.argmax(total[o]))
+        if best is None or total[o, a] > best[1]:
+            best = (alternative_name(ALTERNATIVES[a]), round(float(total[o, a]), 2), key)
+    return best
 
 
 def evidence_weights(pooled_weight: float) -> dict[str, float]:
@@ -278,7 +350,7 @@ class HostRule:
     honest_from: float = 1e-2  # combined p-value at or above which a host is called honest
     min_records: int = 3  # fewer answers than this are never enough to call a host honest
     # Share of alpha given to the pooled evidence (as ReputationConfig): 0.05 per process.
-    pooled_weight: float = 0.15
+    pooled_weight: float = 0.2
 
 
 def fisher(p_values: Iterable[float]) -> float:
@@ -553,6 +625,8 @@ class _Honesty:
                     f"{pooled.get('edge_tokens', 0)} sampled tokens, "
                     f"{pooled.get('edge_beyond_by_gap', {}).get('0.5', 0)} of them by more than 0.5 nats "
                     "(top-k/top-p wider than asked, or ignored)",
+            "alternatives": "mostly likelihood ratios against explicit alternative settings: the answers "
+                            f"fit '{pooled.get('alternative_best', '?')}' better than the settings asked",
             "termination": f"mostly answers ending where the reference does not end: "
                            f"{pooled.get('termination_violations', 0)} of {pooled.get('termination_answers', 0)} "
                            "answers (cut short)",

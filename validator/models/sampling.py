@@ -127,3 +127,45 @@ def sample_next(logits: torch.Tensor, settings: Settings, generator: torch.Gener
     probs = torch.softmax(values, dim=-1)
     choice = torch.multinomial(probs.cpu(), 1, generator=generator)
     return int(ids[int(choice)])
+
+
+_TEMPERATURE_OFFSETS = (-0.4, -0.25, -0.15, -0.08, 0.08, 0.15, 0.25, 0.4)
+_TOP_P_WIDENED = (0.05, 0.1, 0.2)
+_MIN_TEMPERATURE = 0.05
+
+
+def _grid() -> tuple[tuple[str, str, float], ...]:
+    out = []
+    for order in ORDERS:
+        out += [(order, "temperature", d) for d in _TEMPERATURE_OFFSETS]
+        out += [(order, "top_p", w) for w in _TOP_P_WIDENED]
+        out.append((order, "top_k", 0))
+    out.append((ORDERS[0], "filters", 0))  # top-k and top-p ignored: the orders agree
+    return tuple(out)
+
+
+# Explicit alternatives to the settings asked, for the likelihood-ratio evidence
+# (validator.scoring.alternatives): (order, what is bent, by how much).
+ALTERNATIVES = _grid()
+
+
+def alternative_name(alt: tuple[str, str, float]) -> str:
+    order, kind, size = alt
+    return {"temperature": f"{order} temperature {size:+g}", "top_p": f"{order} top-p +{size:g}",
+            "top_k": f"{order} top-k ignored", "filters": "top-k and top-p ignored"}[kind]
+
+
+def alternative_settings(alt: tuple[str, str, float], asked: Settings) -> Settings | None:
+    """The settings the alternative samples with, or None where it would change nothing
+    (or cannot be: a temperature at or below zero)."""
+    _, kind, size = alt
+    if kind == "temperature":
+        t = asked.temperature + size
+        return None if t < _MIN_TEMPERATURE else Settings(t, asked.top_k, asked.top_p)
+    if kind == "top_p":
+        return None if asked.top_p >= 1.0 else Settings(asked.temperature, asked.top_k, min(1.0, asked.top_p + size))
+    if kind == "top_k":
+        return None if asked.top_k <= 0 else Settings(asked.temperature, 0, asked.top_p)
+    if asked.top_k <= 0 and asked.top_p >= 1.0:
+        return None
+    return Settings(asked.temperature, 0, 1.0)

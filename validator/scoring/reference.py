@@ -21,6 +21,7 @@ import torch
 from validator.models.checkpoints import Budgets, derive_budgets, kv_bytes_per_token, load_model
 from validator.models.registry import ModelSpec
 from validator.models.sampling import Settings, kept_prefix_sizes, order_scales, sample_next
+from validator.scoring.alternatives import alternative_stats
 from validator.scoring.tokens import TokenTable
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
 _STEP_SLICE = 256  # steps reduced at once on a CPU; a GPU takes more (step_slice)
 _TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
-_WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high")
+_WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high",
+                "alt_boundary", "alt_log_z", "alt_beyond")
 
 
 @dataclass
@@ -51,6 +53,10 @@ class StepFeatures:
     variance: np.ndarray | None = None  # [S, 2] variance of log q(token) under q
     mgf_low: np.ndarray | None = None  # [S, 2, L] log E_q[q^-lambda]
     mgf_high: np.ndarray | None = None  # [S, 2, H] log E_q[q^lambda]
+    # per explicit alternative (validator.scoring.alternatives.ALTERNATIVES):
+    alt_boundary: np.ndarray | None = None  # [S, A] log-prob of its least likely kept token
+    alt_log_z: np.ndarray | None = None  # [S, A] logsumexp over its kept tokens of logp / T
+    alt_beyond: np.ndarray | None = None  # [S, A, 2] its mass beyond each order's edge
 
 
     @staticmethod
@@ -438,6 +444,7 @@ class ReferenceModel:
                 full = self._support_stats(logp[redo], settings, cap, cap)
                 for key in stats:
                     stats[key][redo] = full[key]
+        stats.update(alternative_stats(logp, settings, stats["boundary"]))
         return stats
 
     @staticmethod

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from validator.scoring import alternatives
 from validator.scoring.align import Alignment
 from validator.scoring.reference import LAMBDAS_HIGH, LAMBDAS_LOW
 from validator.models.sampling import ORDERS, Settings
@@ -268,7 +269,8 @@ def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.n
     """What a sampled answer adds to its host's pooled evidence (validator.reputation):
     per sampler order the statistic S and its exact log-MGF Psi(lambda) = sum over the
     statistic's steps of log E_q[exp(lambda X_t)] on POOLED_LAMBDAS; how many tokens fall
-    beyond the support's edge by more than each of EDGE_GAPS."""
+    beyond the support's edge by more than each of EDGE_GAPS; per order the log e-value of
+    each explicit alternative (validator.scoring.alternatives), with the settings asked."""
     f = al.feats
 
     def statistic(steps: np.ndarray, token_logp: np.ndarray, o: int) -> dict[str, Any]:
@@ -288,12 +290,19 @@ def pooled_sampled(al: Alignment, settings: Settings, tol: Tolerances, idx: np.n
                 "slack": round(tol.statistic_slack * sd, 6)}
 
     orders = [statistic(idx, tok_logp, o) for o in range(2)]
-    return {"mode": "sampled", "tokens": int(len(idx)),
-            **{k: [o[k] for o in orders] for k in ("s", "psi", "var", "sd", "slack")},
-            "lambdas": [float(v) for v in POOLED_LAMBDAS],
-            "edge": {"tokens": int(len(support_gap)), "gaps": list(EDGE_GAPS),
-                     "beyond": [int((support_gap > g).sum()) for g in EDGE_GAPS],
-                     "rate": list(tol.edge_rate)}}
+    out = {"mode": "sampled", "tokens": int(len(idx)),
+           **{k: [o[k] for o in orders] for k in ("s", "psi", "var", "sd", "slack")},
+           "lambdas": [float(v) for v in POOLED_LAMBDAS],
+           "edge": {"tokens": int(len(support_gap)), "gaps": list(EDGE_GAPS),
+                    "beyond": [int((support_gap > g).sum()) for g in EDGE_GAPS],
+                    "rate": list(tol.edge_rate)}}
+    if f.alt_boundary is not None:
+        log_e = alternatives.answer_log_e(tok_logp, settings, f.boundary[idx], f.log_z[idx], f.alt_boundary[idx],
+                                          f.alt_log_z[idx], f.alt_beyond[idx],
+                                          tol.edge_rate[EDGE_GAPS.index(alternatives.EDGE_GAP)])
+        out["alternatives"] = {"settings": f"{settings.temperature:g}/{settings.top_k}/{settings.top_p:g}",
+                               "log_e": [[round(float(v), 4) for v in row] for row in log_e]}
+    return out
 
 
 def _summary(metrics: dict, settings: Settings, tol: Tolerances) -> str:
