@@ -430,7 +430,7 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     registry = Registry.load()
     scorer = Scorer(registry)
-    families = {f: FAMILIES[f] for f in args.families.split(",")}
+    families = {f: FAMILIES[f] for f in args.families.split(",") if f}  # "": the honest hosts only
     full = set(args.all_sizes_in.split(","))
     path = DaemonPath(registry, scorer, args.round_size)
     started = time.time()

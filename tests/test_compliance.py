@@ -338,25 +338,40 @@ def _honest_distribution(logp_row: np.ndarray, asked, order: int) -> np.ndarray:
     return q
 
 
-@pytest.mark.parametrize("asked", [(0.7, 50, 0.5), (0.8, 20, 0.9), (1.0, 40, 0.8), (0.3, 0, 0.95), (1.2, 5, 1.0)])
-def test_each_alternatives_e_value_has_expectation_at_most_one_under_either_order(asked):
-    """Exact expectation, every token weighed by its honest probability: for each step,
-    honest order and alternative, E_q[e] <= 1 (the e-process's validity), and the
-    alternatives that apply are not trivially 1 (the check could fail)."""
+@pytest.mark.parametrize("asked, vocab", [((0.7, 50, 0.5), 300), ((0.8, 20, 0.9), 300), ((1.0, 40, 0.8), 300),
+                                          ((0.3, 0, 0.95), 300), ((1.2, 5, 1.0), 300),
+                                          ((0.9, 0, 0.999), 5000)])  # kept prefixes past the reduction's heads
+def test_each_alternative_is_what_it_names_and_its_e_value_has_mean_at_most_one(asked, vocab):
+    """The reference's features of each alternative are that alternative's kept set and
+    normaliser (by the sampling definition, computed here directly); and the exact
+    expectation, every token weighed by its honest probability: for each step, honest
+    order and alternative, E_q[e] <= 1 (the e-process's validity), the alternatives that
+    apply not trivially 1 (the check could fail)."""
     import torch
 
-    from validator.models.sampling import Settings
+    from validator.models.sampling import ALTERNATIVES, ORDERS, Settings, alternative_name, alternative_settings
 
     t, k, p = asked
     settings = Settings(temperature=t, top_k=k, top_p=p)
     rng = np.random.default_rng(7)
-    logits = torch.tensor(rng.normal(0, 2.5, size=(6, 300)))
+    logits = torch.tensor(rng.normal(0, 2.5, size=(6 if vocab < 1000 else 2, vocab)))
     logp = torch.log_softmax(logits, -1)
     f = _step_features(logp, settings)
     r0 = 0.002
     moved = 0
     for step in range(logp.shape[0]):
         row = logp[step].numpy()
+        for a, alt in enumerate(ALTERNATIVES):  # each alternative is the distribution it names
+            bent = alternative_settings(alt, settings)
+            if bent is None:
+                assert f["alt_boundary"][step, a] == np.inf
+                continue
+            kept = np.sort(row[_honest_distribution(row, bent, ORDERS.index(alt[0])) > 0])[::-1]
+            # at most a head of the row's most likely tokens: without top-p, the row's head
+            heads = [kept[:w] for w in alternatives.HEADS] if bent.top_p >= 1 else [kept[: alternatives.HEADS[-1]]]
+            assert any(f["alt_boundary"][step, a] == pytest.approx(h.min(), abs=1e-9) and f["alt_log_z"][step, a]
+                       == pytest.approx(np.logaddexp.reduce(h / bent.temperature), abs=1e-9) for h in heads), \
+                alternative_name(alt)
         for order in range(2):
             q = _honest_distribution(row, settings, order)
             tokens = np.flatnonzero(q > 0)

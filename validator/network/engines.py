@@ -182,12 +182,28 @@ def requantise(model, bits: int = 4, group: int = 32) -> None:
                     w.copy_((torch.round(g / scale).clamp(-levels, levels) * scale).reshape(w.shape))
 
 
+def fp8_weights(model) -> None:
+    """Round every decoder weight matrix to float8 e4m3 with one scale per output row
+    (what an FP8 weight-quantised deployment stores), in place; the arithmetic stays in
+    the model's dtype (an FP8 GPU kernel would round activations too)."""
+    import torch
+
+    top = float(torch.finfo(torch.float8_e4m3fn).max)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight
+                    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+                    w.copy_((w / scale).to(torch.float8_e4m3fn).to(w.dtype) * scale)
+
+
 # Honest transformers engines: DTYPE[-eager][-batchN] (SDPA attention and batches of up
 # to 32 unless named); `transformers_engine_name` gives the name the engine reports.
 TRANSFORMERS = re.compile(r"^(fp32|bf16|fp16)(-eager)?(?:-batch([1-9][0-9]*))?$")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ENGINES = ("fp32", "bf16", "fp16", "DTYPE-eager", "DTYPE-batchN", "DTYPE-eager-batchN", "llama.cpp",
-           "minus-layers", "requantised")
+           "minus-layers", "requantised", "fp8-weights")
 _shared: dict[tuple, Engine] = {}
 _shared_lock = threading.Lock()
 _loading = threading.Lock()
@@ -225,6 +241,10 @@ def load_engine(registry, model: str, name: str) -> Engine:
     if name == "requantised":
         engine = TransformersEngine(spec, "float32", name="transformers-requantised-q4")
         requantise(engine.model, bits=4)
+        return engine
+    if name == "fp8-weights":
+        engine = TransformersEngine(spec, "float32", name="transformers-fp8-weights")
+        fp8_weights(engine.model)
         return engine
     raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
 

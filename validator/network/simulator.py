@@ -231,6 +231,14 @@ class Requantised(Strategy):
 
 
 @strategy
+class Fp8Weights(Strategy):
+    """The claimed model with its weights stored in FP8 (e4m3, one scale per row): a
+    lower-precision deployment, much closer to the model than a 4-bit re-quantisation."""
+    name = "fp8-weights"
+    engines = ("fp8-weights",)
+
+
+@strategy
 class SettingsIgnored(Strategy):
     """Answers with its own fixed sampling settings, whatever the request asks."""
     name = "settings-ignored"

@@ -32,68 +32,81 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from validator.models.sampling import ALTERNATIVES, ORDERS, Settings, alternative_settings, alternative_name
+from validator.models.sampling import ALTERNATIVES, ORDERS, Settings, alternative_name, alternative_settings
 
 EDGE_GAP = 0.25  # nats beyond an order's support edge that count as beyond it (one of verdict.EDGE_GAPS)
 EPS = 0.05  # share of the null mixed into each alternative
-_TOPK_FAST = 4096  # kept prefixes almost always fit; rows that reach it are redone in full
+# An alternative keeps at most a head of the most likely tokens (any alternative gives a
+# valid e-value, so restricting it costs only power in a tail samplers rarely reach):
+# each row is reduced over its sorted head of HEADS[0] tokens, widened to HEADS[1] where a
+# top-p alternative's kept prefix reaches the head's end. An alternative without top-p
+# keeps the row's head (its top-k of it).
+HEADS = (256, 4096)
 
 
 def alternative_stats(logp: torch.Tensor, asked: Settings, null_edge: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per step and alternative: `alt_boundary` [S, A] the log-prob (temperature 1) of the
     least likely token it keeps (+inf where it does not apply), `alt_log_z` [S, A] the
     logsumexp of logp / T over its kept tokens, `alt_beyond` [S, A, 2] its mass beyond each
-    order's edge (`null_edge` [S, 2], the asked settings' boundaries) by more than EDGE_GAP."""
+    order's edge (`null_edge` [S, 2], the asked settings' boundaries) by more than EDGE_GAP.
+    `logp`: log-softmax rows (temperature 1)."""
     steps, vocab = logp.shape
-    k = min(vocab, _TOPK_FAST)
-    top = torch.topk(logp, k, dim=-1).values
-    cols = torch.arange(k, device=logp.device)
-    far = null_edge - EDGE_GAP  # [S, 2]
     count = len(ALTERNATIVES)
-    boundary = torch.full((steps, count), math.inf, dtype=logp.dtype, device=logp.device)
-    log_z = torch.zeros((steps, count), dtype=logp.dtype, device=logp.device)
-    beyond = torch.zeros((steps, count, 2), dtype=logp.dtype, device=logp.device)
-    for a, alt in enumerate(ALTERNATIVES):
-        s = alternative_settings(alt, asked)
-        if s is None:
-            continue
-        order = ORDERS.index(alt[0])
-        cap = s.top_k if 0 < s.top_k < vocab else vocab
-        if s.top_p >= 1.0:  # kept: the top-k (or everything); no sort beyond it needed
-            kept_logp = top[:, :cap] if cap <= k else logp
-            lz = torch.logsumexp(kept_logp / s.temperature, dim=-1)
-            boundary[:, a] = kept_logp.min(dim=-1).values
-        else:
-            lz, b, kept_logp = _top_p_support(logp, top, cols, s, order, cap)
-            boundary[:, a] = b
-        log_z[:, a] = lz
-        q = torch.exp(kept_logp / s.temperature - lz[:, None])
-        q = torch.where(torch.isfinite(kept_logp), q, torch.zeros_like(q))
-        for o in range(2):
-            beyond[:, a, o] = torch.where(kept_logp < far[:, o : o + 1], q, torch.zeros_like(q)).sum(-1)
-    return {"alt_boundary": boundary, "alt_log_z": log_z, "alt_beyond": beyond.clamp(0.0, 1.0)}
+    out = {"alt_boundary": torch.full((steps, count), math.inf, dtype=logp.dtype, device=logp.device),
+           "alt_log_z": torch.zeros((steps, count), dtype=logp.dtype, device=logp.device),
+           "alt_beyond": torch.zeros((steps, count, 2), dtype=logp.dtype, device=logp.device)}
+    bent = [(a, alternative_settings(alt, asked), ORDERS.index(alt[0])) for a, alt in enumerate(ALTERNATIVES)]
+    bent = [(a, s, order) for a, s, order in bent if s is not None]
+    rows = torch.arange(steps, device=logp.device)
+    part = logp  # the rows being reduced (all, then those whose head is widened)
+    for i, width in enumerate(HEADS):
+        width = min(width, vocab)
+        last = i == len(HEADS) - 1 or width == vocab
+        head = torch.topk(part, width, dim=-1).values
+        widen = torch.zeros(len(rows), dtype=torch.bool, device=logp.device)
+        far = null_edge[rows] - EDGE_GAP
+        whole: dict[float, torch.Tensor] = {}  # logsumexp of logp x scale over the vocabulary
+        for a, s, order in bent:
+            norm = None
+            if s.top_p < 1.0 and not 0 < s.top_k < vocab:  # top-p sees the whole vocabulary's mass
+                scale = 1.0 / s.temperature if order == 0 else 1.0
+                if scale not in whole:
+                    whole[scale] = (torch.zeros(len(rows), dtype=logp.dtype, device=logp.device) if scale == 1.0
+                                    else torch.logsumexp(part * scale, dim=-1))
+                norm = whole[scale]
+            b, lz, beyond, full = _one(head, s, order, far, norm)
+            out["alt_boundary"][rows, a] = b
+            out["alt_log_z"][rows, a] = lz
+            out["alt_beyond"][rows, a] = beyond
+            if not last:
+                widen |= full
+        if last or not bool(widen.any()):
+            break
+        rows, part = rows[widen], part[widen]
+    out["alt_beyond"].clamp_(0.0, 1.0)
+    return out
 
 
-def _top_p_support(logp, top, cols, s: Settings, order: int, cap: int):
-    """The kept prefix of one top-p alternative: its log normaliser at 1/T, its boundary,
-    and the kept log-probs ([S, width], -inf past the prefix)."""
-    scale = 1.0 / s.temperature if order == 0 else 1.0
-    source = logp if cap >= logp.shape[-1] else top[:, :cap]
-    norm = torch.logsumexp(source * scale, dim=-1, keepdim=True)
-    width = min(cap, top.shape[1])
-    head = top[:, :width]
-    probs = torch.exp(head * scale - norm)
-    n = ((torch.cumsum(probs, -1) - probs) < s.top_p).sum(-1).clamp(min=1)
-    if bool((n >= width).any()) and width < cap:  # the prefix reaches the fast cut: sort it all
-        head = torch.topk(logp, cap, dim=-1).values
-        probs = torch.exp(head * scale - norm)
+def _one(head: torch.Tensor, s: Settings, order: int, far: torch.Tensor, norm: torch.Tensor | None):
+    """One alternative over sorted heads [R, W]: its boundary, log normaliser at 1/T, mass
+    beyond each order's edge (`far` [R, 2]: the edges less EDGE_GAP), and whether its
+    kept prefix reached the head's end (a wider head could keep more). `norm`: the mass
+    top-p is measured against (log, at the order's scale) where it reaches past the head."""
+    width = head.shape[1]
+    cap = min(s.top_k, width) if s.top_k > 0 else width
+    t = head[:, :cap]
+    n = torch.full((len(head),), cap, dtype=torch.long, device=head.device)
+    if s.top_p < 1.0:
+        scale = 1.0 / s.temperature if order == 0 else 1.0
+        probs = torch.softmax(t * scale, dim=-1) if norm is None else torch.exp(t * scale - norm[:, None])
         n = ((torch.cumsum(probs, -1) - probs) < s.top_p).sum(-1).clamp(min=1)
-        cols = torch.arange(cap, device=logp.device)
-    else:
-        cols = cols[:width]
-    kept = torch.where(cols[None, :] < n[:, None], head, torch.full_like(head, -math.inf))
-    lz = torch.logsumexp(kept / s.temperature, dim=-1)
-    return lz, head.gather(1, (n - 1)[:, None]).squeeze(1), kept
+    cols = torch.arange(cap, device=head.device)
+    scaled = torch.where(cols[None, :] < n[:, None], t / s.temperature, torch.full_like(t, -math.inf))
+    lz = torch.logsumexp(scaled, dim=-1)
+    beyond = torch.stack([torch.exp(torch.logsumexp(
+        torch.where(t < far[:, o : o + 1], scaled, torch.full_like(t, -math.inf)), dim=-1) - lz) for o in range(2)], -1)
+    full = (n >= width) & ((s.top_k <= 0) | (s.top_k > width)) & (s.top_p < 1.0)
+    return t.gather(1, (n - 1)[:, None]).squeeze(1), lz, beyond, full
 
 
 def answer_log_e(token_logp: np.ndarray, asked: Settings, null_edge: np.ndarray, null_log_z: np.ndarray,
