@@ -27,12 +27,10 @@ does. validator.reputation pools these per host.
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from validator.models.sampling import ALTERNATIVES, ORDERS, Settings, alternative_name, alternative_settings
+from validator.models.sampling import ALTERNATIVES, ORDERS, Settings, alternative_settings
 
 EDGE_GAP = 0.25  # nats beyond an order's support edge that count as beyond it (one of verdict.EDGE_GAPS)
 EPS = 0.05  # share of the null mixed into each alternative
@@ -135,8 +133,3 @@ def answer_log_e(token_logp: np.ndarray, asked: Settings, null_edge: np.ndarray,
             step = np.where(tok < edge - EDGE_GAP, np.log(big / r0), inside)
             out[o] = np.where(applies, step.sum(0), 0.0)
     return out
-
-
-def describe(log_e: Sequence[float]) -> str:
-    """The alternative that fits best, for a person."""
-    return alternative_name(ALTERNATIVES[int(np.argmax(log_e))])
