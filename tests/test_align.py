@@ -153,8 +153,8 @@ def test_proposals_reuse_the_prefix_and_change_nothing(ref, honest_records, chea
     """Proposal passes continue from the current path's keys and values and run only the
     compared stretch: the alignments (tokens, log-probs, features) are those of full
     recomputation, with fewer decoder positions."""
-    records = (honest_records["honest-llama.cpp"][:12] + cheat_records["cheat-other-model"][:6]
-               + cheat_records["cheat-hotter"][:6])
+    records = (honest_records["honest-llama.cpp"][:8] + cheat_records["cheat-other-model"][:4]
+               + cheat_records["cheat-hotter"][:4])
     items = [AlignItem(ref.prompt_ids(r["messages"]), r["response"], Settings.from_configs(r["configs"]))
              for r in records]
     positions = [0]
@@ -186,8 +186,8 @@ def test_shared_prompts_are_computed_once_and_change_nothing(ref, honest_records
     once (ReferenceModel.prefill) and every answer's first pass runs from them. The
     alignments are those of computing each prompt in full, and exactly the repeated
     prompts' positions are saved."""
-    records = (honest_records["honest-llama.cpp"][:8] + honest_records["honest-transformers-bf16"][:8]
-               + cheat_records["cheat-hotter"][:8])
+    records = (honest_records["honest-llama.cpp"][:6] + honest_records["honest-transformers-bf16"][:6]
+               + cheat_records["cheat-hotter"][:6])
     items = [AlignItem(ref.prompt_ids(r["messages"]), r["response"], Settings.from_configs(r["configs"]))
              for r in records]
     prompts = [tuple(i.prompt) for i in items]
@@ -239,3 +239,42 @@ def test_a_past_longer_than_the_shared_prefix_is_refused(ref):
         assert "past" in str(exc)
     else:
         raise AssertionError("a past covering the position that predicts the first wanted step was accepted")
+
+
+def test_passes_carry_little_padding_and_change_nothing(ref, honest_records, cheat_records, monkeypatch):
+    """Answers of mixed lengths: each forward pass computes its rows to the longest row's
+    length, so a batch closes before padding passes PAD_SHARE of its real positions. The
+    alignments are those of batching by the position budget alone (padding unbounded),
+    with fewer positions computed."""
+    import validator.scoring.reference as reference
+
+    records = (honest_records["honest-transformers-fp32"][:10] + honest_records["honest-llama.cpp"][10:16]
+               + cheat_records["cheat-truncated"][:6])
+    items = [AlignItem(ref.prompt_ids(r["messages"]), r["response"], Settings.from_configs(r["configs"]))
+             for r in records]
+    lengths = sorted(len(ref.canonical_ids(r["response"])) for r in records)
+    assert lengths[-1] > 2 * lengths[0], "answers of alike lengths: nothing to pad"
+    passes: list[tuple[int, int]] = []  # (positions computed, real positions) per pass
+
+    def count(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        passes.append((int(ids.numel()), int(kwargs["attention_mask"][:, -ids.shape[1]:].sum())))
+
+    hook = ref.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    runs = []
+    try:
+        for share in (float("inf"), reference.PAD_SHARE):
+            monkeypatch.setattr(reference, "PAD_SHARE", share)
+            passes.clear()
+            runs.append((Aligner(ref).align(items), list(passes)))
+    finally:
+        hook.remove()
+    (loose, loose_passes), (capped, capped_passes) = runs
+    for done, real in capped_passes:  # a single row is never padded; several stay within the cap
+        assert done <= (1 + reference.PAD_SHARE) * real + 1e-9, (done, real)
+    assert sum(d for d, _ in capped_passes) < 0.9 * sum(d for d, _ in loose_passes), (capped_passes, loose_passes)
+    for a, b in zip(loose, capped):
+        assert a.tokens == b.tokens and a.implied == b.implied and a.branches == b.branches
+        np.testing.assert_allclose(a.token_logp, b.token_logp, atol=1e-3)
+        np.testing.assert_allclose(a.feats.max_logp, b.feats.max_logp, atol=1e-3)
+        assert abs(a.eos_logp - b.eos_logp) < 1e-3

@@ -79,7 +79,7 @@ def test_one_file_mixes_models_each_loaded_once(tmp_path, honest_records, ref):
     copies = [{**r, "model": "smollm2-copy", "id": r["id"] + "-copy"} for r in records]
     mixed = [json.dumps(r) for pair in zip(records, copies) for r in pair]
     loaded = {MODEL: ref}
-    lines, _ = run_audit(mixed, Scorer(registry, models=loaded))
+    lines, _ = run_audit(mixed, Scorer(registry, models=loaded), rerun=False)  # the re-run: test_cli_scores_good_lines
     assert set(loaded) == {MODEL, "smollm2-copy"}
     assert [line["model"] for line in lines] == [MODEL, "smollm2-copy"] * 4
     for a, b in zip(lines[::2], lines[1::2]):  # same checkpoint, same evidence

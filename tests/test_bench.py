@@ -56,9 +56,16 @@ def hosts(net: dict, **mapping: str) -> str:
     return ",".join(f"{name}={net.get(target, target)}" for name, target in mapping.items())
 
 
-def bench(suite: str, out: Path, host_spec: str, registry, ref, **options):
-    return run_bench(SUITES / f"{suite}.yaml", out, hosts=host_spec, registry=registry,
+def bench(suite: str | Path, out: Path, host_spec: str, registry, ref, **options):
+    path = suite if isinstance(suite, Path) else SUITES / f"{suite}.yaml"
+    return run_bench(path, out, hosts=host_spec, registry=registry,
                      models={MODEL: ref}, progress=False, **{**QUICK, **options})
+
+
+# The shipped smoke suite with one client setting added: no retries, so that the host
+# that is down (DOWN) records its connect_error at once instead of after the client's
+# backoff (15-90 s of waiting, most of this file's run time).
+SMOKE_CLIENT = "\nclient: {retries: 0}\n"
 
 
 def cli(*args: str):
@@ -69,12 +76,14 @@ def cli(*args: str):
 @pytest.fixture(scope="module")
 def smoke(net, registry, ref, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
+    suite = tmp_path_factory.mktemp("smoke-suite") / "smoke.yaml"
+    suite.write_text((SUITES / "smoke.yaml").read_text() + SMOKE_CLIENT)
     spec = hosts(net, honest="honest", static="static", down=DOWN)
-    return bench("smoke", out, spec, registry, ref), spec
+    return bench(suite, out, spec, registry, ref), spec, suite
 
 
 def test_smoke_suite(smoke):
-    result, _ = smoke
+    result = smoke[0]
     rep = result.report
     assert result.sent == 6 and result.skipped == 0 and result.scored == 4
     h = rep["hosts"]
@@ -87,7 +96,7 @@ def test_smoke_suite(smoke):
     assert {p["name"] for p in rep["plots"]} >= {"gaps", "p_values", "latency", "by_cell", "agreement"}
     # reproduction: the suite's exact text, its seed and every probe's re-run seed
     saved = json.loads((result.out / "report.json").read_text())
-    assert saved["suite"]["text"] == (SUITES / "smoke.yaml").read_text()
+    assert saved["suite"]["text"] == (SUITES / "smoke.yaml").read_text() + SMOKE_CLIENT
     assert saved["suite"]["seed"] == 1 and all(isinstance(p["seed"], int) for p in saved["probes"])
     md = (result.out / "report.md").read_text()
     assert "connect_error" in md and "![Per-token gap distributions](plots/gaps.png)" in md
@@ -95,8 +104,8 @@ def test_smoke_suite(smoke):
 
 
 def test_same_command_again_sends_and_scores_nothing(smoke, registry, ref):
-    first, spec = smoke
-    again = bench("smoke", first.out, spec, registry, ref)
+    first, spec, suite = smoke
+    again = bench(suite, first.out, spec, registry, ref)
     assert (again.sent, again.scored, again.skipped, again.resumed) == (0, 0, 6, True)
     assert again.report["hosts"]["honest"]["pass"] == 2  # the recorded scores, not new ones
     sessions = [json.loads(x) for x in (first.out / "sessions.jsonl").read_text().splitlines()]
@@ -106,7 +115,7 @@ def test_same_command_again_sends_and_scores_nothing(smoke, registry, ref):
 def test_html_report_opens_with_its_plots(smoke):
     from .browser import chromium_page, screenshot
 
-    result, _ = smoke
+    result = smoke[0]
     with chromium_page() as page:
         page.goto((result.out / "report.html").as_uri())
         page.wait_for_load_state("load")
@@ -126,8 +135,8 @@ def test_html_report_opens_with_its_plots(smoke):
 
 def test_compare_reports_a_host_swapped_for_a_cheat(smoke, net, registry, ref, tmp_path):
     """Run B points the suite's `honest` host at one answering canned text."""
-    a, _ = smoke
-    b = bench("smoke", tmp_path / "b", hosts(net, honest="static"), registry, ref)
+    a = smoke[0]
+    b = bench(smoke[2], tmp_path / "b", hosts(net, honest="static"), registry, ref)
     assert b.report["hosts"]["honest"]["fail"] == 2
     a_json, b_json = str(a.out / "report.json"), str(b.out / "report.json")
     code, out, _ = cli("bench", "--compare", a_json, b_json, "--json")

@@ -25,6 +25,10 @@ from validator.scoring.reference import ReferenceModel
 
 from .answers import RecordedEngines
 
+# About two minutes on 2 CPU cores (the reference's 262k-token head on every scored
+# step): in `make test-slow`, not the default run.
+pytestmark = pytest.mark.slow
+
 MODEL = "gemma-3-270m"
 # One round of twelve probes a host. An honest host needs trust_after (5, the demo's)
 # passes in a row to be trusted. The other-model and settings-ignored cheats fail

@@ -31,6 +31,10 @@ LAMBDAS_LOW = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
 LAMBDAS_HIGH = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
 _STEP_SLICE = 256  # steps reduced at once on a CPU; a GPU takes more (step_slice)
 _TOPK_FAST = 4096  # top-p supports almost always fit in this many tokens; checked per row
+# A pass computes every row to its longest row's length: a batch closes before padding
+# would pass this share of its real positions (a pass costs rows x width; sorted by
+# length, a batch of mixed answers was 40-70% padding, the most of the decoder's time).
+PAD_SHARE = 0.2
 _WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high",
                 "alt_boundary", "alt_log_z", "alt_beyond")
 
@@ -275,17 +279,18 @@ class ReferenceModel:
         # What the given pasts hold stays held through this call: new ones get the rest.
         budget = [max(0, self.max_past_bytes - held_bytes(pasts)) if keep_past else 0]
         batch: list[int] = []
-        longest_past = 0  # the pass's own cache: rows x (longest past + longest new part)
+        longest_past = real = 0  # the pass's own cache: rows x (longest past + longest new part)
         for idx in order:
             past_len = pasts[idx].length if pasts[idx] else 0
-            rows = len(batch) + 1
-            if batch and (new_tokens(idx) * rows > self.max_batch_tokens
-                          or rows * (max(longest_past, past_len) + new_tokens(idx)) * self.kv_per_token
+            rows, width = len(batch) + 1, new_tokens(idx)  # ascending: idx is the longest
+            if batch and (width * rows > self.max_batch_tokens
+                          or width * rows > (1 + PAD_SHARE) * (real + width)
+                          or rows * (max(longest_past, past_len) + width) * self.kv_per_token
                           > self.max_past_bytes):
                 self._run_batch(items, batch, out, pasts, kept, budget)
-                batch, longest_past = [], 0
+                batch, longest_past, real = [], 0, 0
             batch.append(idx)
-            longest_past = max(longest_past, past_len)
+            longest_past, real = max(longest_past, past_len), real + width
         if batch:
             self._run_batch(items, batch, out, pasts, kept, budget)
         return out, kept  # type: ignore[return-value]
@@ -307,15 +312,19 @@ class ReferenceModel:
         made: dict[tuple, Past] = {}
         budget = [self.max_past_bytes]
         batch: list[tuple] = []
+        real = 0  # the batch's positions, padding left out
         for key in shared + [None]:  # None: run what is left
-            if batch and (key is None or (len(key) - 1) * (len(batch) + 1) > self.max_batch_tokens
+            width = len(key) - 1 if key is not None else 0
+            if batch and (key is None or width * (len(batch) + 1) > self.max_batch_tokens
+                          or width * (len(batch) + 1) > (1 + PAD_SHARE) * (real + width)
                           or len(key) * (len(batch) + 1) * self.kv_per_token > self.max_past_bytes):
                 with self.lock:
                     _, pasts = self._decode([list(k[:-1]) for k in batch], [None] * len(batch), budget)
                 made.update((k, past) for k, past in zip(batch, pasts) if past is not None)
-                batch = []
+                batch, real = [], 0
             if key is not None:
                 batch.append(key)
+                real += width
         return [made.get(tuple(p)) for p in prompts]
 
     def _decode(self, seqs: list[list[int]], pasts: list[Past | None], budget: list | None):
