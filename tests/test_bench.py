@@ -83,7 +83,7 @@ def smoke(net, registry, ref, tmp_path_factory):
 
 
 def test_smoke_suite(smoke):
-    result = smoke[0]
+    result, _, _ = smoke
     rep = result.report
     assert result.sent == 6 and result.skipped == 0 and result.scored == 4
     h = rep["hosts"]
@@ -115,7 +115,7 @@ def test_same_command_again_sends_and_scores_nothing(smoke, registry, ref):
 def test_html_report_opens_with_its_plots(smoke):
     from .browser import chromium_page, screenshot
 
-    result = smoke[0]
+    result, _, _ = smoke
     with chromium_page() as page:
         page.goto((result.out / "report.html").as_uri())
         page.wait_for_load_state("load")
@@ -135,8 +135,8 @@ def test_html_report_opens_with_its_plots(smoke):
 
 def test_compare_reports_a_host_swapped_for_a_cheat(smoke, net, registry, ref, tmp_path):
     """Run B points the suite's `honest` host at one answering canned text."""
-    a = smoke[0]
-    b = bench(smoke[2], tmp_path / "b", hosts(net, honest="static"), registry, ref)
+    a, _, suite = smoke
+    b = bench(suite, tmp_path / "b", hosts(net, honest="static"), registry, ref)
     assert b.report["hosts"]["honest"]["fail"] == 2
     a_json, b_json = str(a.out / "report.json"), str(b.out / "report.json")
     code, out, _ = cli("bench", "--compare", a_json, b_json, "--json")

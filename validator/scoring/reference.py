@@ -39,6 +39,12 @@ _WARP_FIELDS = ("boundary", "log_z", "entropy", "variance", "mgf_low", "mgf_high
                 "alt_boundary", "alt_log_z", "alt_beyond")
 
 
+def _too_padded(width: int, rows: int, real: int) -> bool:
+    """Whether `rows` rows computed to `width` positions (the longest, joining a batch
+    that holds `real` positions) would pad past PAD_SHARE."""
+    return width * rows > (1 + PAD_SHARE) * (real + width)
+
+
 @dataclass
 class StepFeatures:
     """What the reference says about each step of one token path (numpy, on the CPU).
@@ -279,12 +285,13 @@ class ReferenceModel:
         # What the given pasts hold stays held through this call: new ones get the rest.
         budget = [max(0, self.max_past_bytes - held_bytes(pasts)) if keep_past else 0]
         batch: list[int] = []
-        longest_past = real = 0  # the pass's own cache: rows x (longest past + longest new part)
+        longest_past = 0  # the pass's own cache: rows x (longest past + longest new part)
+        real = 0  # the batch's positions, padding left out
         for idx in order:
             past_len = pasts[idx].length if pasts[idx] else 0
             rows, width = len(batch) + 1, new_tokens(idx)  # ascending: idx is the longest
             if batch and (width * rows > self.max_batch_tokens
-                          or width * rows > (1 + PAD_SHARE) * (real + width)
+                          or _too_padded(width, rows, real)
                           or rows * (max(longest_past, past_len) + width) * self.kv_per_token
                           > self.max_past_bytes):
                 self._run_batch(items, batch, out, pasts, kept, budget)
@@ -316,7 +323,7 @@ class ReferenceModel:
         for key in shared + [None]:  # None: run what is left
             width = len(key) - 1 if key is not None else 0
             if batch and (key is None or width * (len(batch) + 1) > self.max_batch_tokens
-                          or width * (len(batch) + 1) > (1 + PAD_SHARE) * (real + width)
+                          or _too_padded(width, len(batch) + 1, real)
                           or len(key) * (len(batch) + 1) * self.kv_per_token > self.max_past_bytes):
                 with self.lock:
                     _, pasts = self._decode([list(k[:-1]) for k in batch], [None] * len(batch), budget)
